@@ -1,0 +1,56 @@
+"""Backend selection shared by every op in ``freeflow.kernels``.
+
+An op runs its Triton kernel for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
+(the Triton interpreter, used by the test-suite); otherwise the pure-PyTorch reference.
+``FREEFLOW_KERNELS=reference|triton|auto`` overrides the choice for the whole process, and every op
+takes ``backend=`` to override it per call (the models pass their own ``backend`` through).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install on an unsupported platform
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend(backend: str | None, name: str = "backend") -> str:
+    """Validate a backend name (None means the process default)."""
+    if backend is None:
+        backend = os.environ.get("FREEFLOW_KERNELS", "auto").strip().lower() or "auto"
+        name = "FREEFLOW_KERNELS"
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> bool:
+    """True when the Triton kernel should run for these tensors under ``backend``."""
+    backend = check_backend(backend)
+    if backend == "reference":
+        return False
+    devices = {t.device.type for t in tensors if t is not None}
+    runnable = triton_available() and (
+        devices == {"cuda"} or (devices == {"cpu"} and interpreter_enabled())
+    )
+    if backend == "triton" and not runnable:
+        raise RuntimeError(
+            "backend='triton' was requested but Triton cannot run here: it needs CUDA tensors, or CPU "
+            f"tensors with TRITON_INTERPRET=1 set before triton is imported (devices: {sorted(devices)}, "
+            f"triton importable: {triton_available()})"
+        )
+    return runnable
