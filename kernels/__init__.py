@@ -1,0 +1,31 @@
+"""freeflow.kernels: DiT building blocks with explicit forward tangents (Triton + PyTorch reference).
+
+Every op has a pure-PyTorch reference (``*_reference``) and, where it pays, a Triton kernel; the public
+function dispatches (CUDA → Triton, CPU → reference unless ``TRITON_INTERPRET=1``,
+``FREEFLOW_KERNELS=reference|triton`` or ``backend=`` to force). Each ``*_jvp`` op returns
+``(out, out_tangent)``: ``out`` carries autograd, ``out_tangent`` is detached (tangents are
+stop-gradient in FreeFlow's objectives). Tangent arguments may be ``None`` (zero); a returned tangent is
+``None`` only when it is zero by structure (every input tangent it depends on was ``None``).
+
+This package depends on torch (and triton when present) only; it never imports the rest of freeflow.
+"""
+from ._dispatch import check_backend, use_triton
+from .attention import attention, attention_jvp, attention_jvp_reference, attention_reference
+from .gated_residual import (
+    gated_residual,
+    gated_residual_jvp,
+    gated_residual_jvp_reference,
+    gated_residual_modulate,
+    gated_residual_modulate_jvp,
+    gated_residual_modulate_jvp_reference,
+    gated_residual_modulate_reference,
+    gated_residual_reference,
+)
+from .gelu import bias_gelu, bias_gelu_jvp, bias_gelu_jvp_reference, bias_gelu_reference, gelu_tanh, gelu_tanh_jvp
+from .layer_norm import layer_norm, layer_norm_jvp
+from .linear import linear, linear_jvp
+from .modulate import adaln_modulate, adaln_modulate_jvp, adaln_modulate_jvp_reference, adaln_modulate_reference
+from .silu import silu, silu_jvp
+from .timestep import timestep_embedding, timestep_embedding_jvp
+
+__all__ = [name for name in dir() if not name.startswith("_")]
