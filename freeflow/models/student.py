@@ -1,0 +1,109 @@
+"""FreeFlow students and auxiliary velocity networks built from a teacher (DESIGN §2).
+
+Both wrap a ``DiT`` and speak the internal convention (t = 1 noise, velocity n - x) whatever the
+teacher's family: for a SiT teacher the time input is mapped t' = 1 - t and the output negated.
+
+* ``FlowMapStudent``: ``F_θ(z, δ)`` with the one-step map ``z - δ·F``. The network's time input is fixed at
+  the noise end; δ and the guidance weight γ enter through ``dt_embedder`` / ``gw_embedder`` (zero-initialised
+  last Linear), so at initialisation ``F_θ(z, δ) = v_teacher(z, t=1)``: one Euler step of the teacher.
+* ``GuidedVelocityNet``: ``g_ψ(x, t, y, γ)``, the correction branch's estimate of the student's own
+  velocity field, initialised as a copy of the teacher plus a zero-initialised ``gw_embedder``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .dit import DiT, DiTConfig
+
+_FLIPPED = {"sit"}
+
+
+def _check_family(teacher: DiT):
+    if not isinstance(teacher, DiT):
+        raise ValueError(f"teacher must be a freeflow.models.DiT, got {type(teacher).__name__}")
+    if teacher.family == "dit":
+        raise ValueError("teacher family 'dit' is a DDPM ε-model, not a velocity model; FreeFlow needs a flow "
+                         "teacher (family 'sit', 'repa', 'freeflow' or 'internal')")
+
+
+def _clone_with(teacher: DiT, *, take_dt: bool, take_gw: bool) -> DiT:
+    """A copy of the teacher's network with extra conditioning embedders (zero last Linear)."""
+    cfg = DiTConfig(**{**teacher.config.to_dict(), "take_dt": take_dt, "take_gw": take_gw})
+    net = DiT(cfg, family=teacher.family, backend=teacher.backend)
+    missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith(("dt_embedder.", "gw_embedder."))]
+    if new or unexpected:
+        raise ValueError(f"teacher state does not fit its clone: missing {new}, unexpected {unexpected}")
+    for emb in (net.dt_embedder, net.gw_embedder):
+        if emb is not None:  # same frequency features as the time embedder; output starts at zero
+            emb.mlp[0].load_state_dict(net.t_embedder.mlp[0].state_dict())
+            nn.init.zeros_(emb.mlp[2].weight)
+            nn.init.zeros_(emb.mlp[2].bias)
+    return net.to(next(teacher.parameters()).device)
+
+
+class _ConventionMixin:
+    net: DiT
+
+    @property
+    def flipped(self) -> bool:
+        return self.net.family in _FLIPPED
+
+    def native_time(self, t):
+        return 1 - t if self.flipped else t
+
+    def internal_velocity(self, v):
+        return -v if (v is not None and self.flipped) else v
+
+
+class FlowMapStudent(_ConventionMixin, nn.Module):
+    """``F_θ(z, δ, y, γ)``: the FreeFlow one-step flow map from the prior, ``x = z - δ·F``."""
+
+    def __init__(self, net: DiT):
+        super().__init__()
+        if not (net.config.take_dt and net.config.take_gw):
+            raise ValueError("net must be built with take_dt=True and take_gw=True")
+        self.net = net
+
+    @classmethod
+    def from_teacher(cls, teacher: DiT) -> "FlowMapStudent":
+        _check_family(teacher)
+        return cls(_clone_with(teacher, take_dt=True, take_gw=True))
+
+    def _time(self, z):
+        return self.native_time(torch.ones(z.shape[0], device=z.device, dtype=torch.float32))
+
+    def forward(self, z, delta, y, gw):
+        return self.internal_velocity(self.net(z, self._time(z), y, dt=delta, gw=gw))
+
+    def forward_jvp(self, z, delta, y, gw, *, tz=None, tdelta=None, tgw=None):
+        """(F, dF along the tangents); the trainer uses ``tdelta = 1`` for ∂F/∂δ."""
+        out, tout = self.net.forward_jvp(z, self._time(z), y, dt=delta, gw=gw, tx=tz, tdt=tdelta, tgw=tgw)
+        return self.internal_velocity(out), self.internal_velocity(tout)
+
+    @torch.no_grad()
+    def sample(self, z, y, gw, delta=None):
+        """One-step sample ``z - δ·F(z, δ)`` (δ = 1: the data end)."""
+        delta = torch.ones(z.shape[0], device=z.device) if delta is None else delta
+        return z - delta.view(-1, 1, 1, 1) * self(z, delta, y, gw)
+
+
+class GuidedVelocityNet(_ConventionMixin, nn.Module):
+    """``g_ψ(x, t, y, γ)`` in the internal convention (the correction branch's auxiliary network)."""
+
+    def __init__(self, net: DiT):
+        super().__init__()
+        if not net.config.take_gw:
+            raise ValueError("net must be built with take_gw=True")
+        self.net = net
+
+    @classmethod
+    def from_teacher(cls, teacher: DiT) -> "GuidedVelocityNet":
+        _check_family(teacher)
+        return cls(_clone_with(teacher, take_dt=False, take_gw=True))
+
+    def forward(self, x, t, y, gw):
+        return self.internal_velocity(self.net(x, self.native_time(t), y, gw=gw))
