@@ -1,9 +1,10 @@
 """Build script: everything is declared in pyproject.toml except the optional C++/CUDA extension.
 
 `freeflow._C` is compiled from csrc/ when sources exist and torch is importable at build time
-(`pip install --no-build-isolation .`). CUDA sources are added only when a CUDA toolchain and a CUDA
-build of torch are both present. If the extension is not built here, freeflow JIT-builds it on first
-use, and otherwise falls back to pure PyTorch.
+(`pip install --no-build-isolation .`). CUDA sources (`*.cu` kernels and `*_cuda.cpp` torch
+bindings) are added only when a CUDA toolchain and a CUDA build of torch are both present. If the
+extension is not built here, freeflow JIT-builds it on first use (freeflow/_ext.py), and otherwise
+falls back to pure PyTorch. `FREEFLOW_NO_EXT=1` skips the build.
 """
 import glob
 import os
@@ -24,6 +25,9 @@ def _extensions():
         return [], {}
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    # The CUDA bindings include headers that only a CUDA build of torch ships.
+    host = [f for f in cpp if not f.endswith("_cuda.cpp")]
+    # -fopenmp: at::parallel_for is an inline `omp parallel` region, serial without it.
     cxx = ["-O3", "-fopenmp"]
     kwargs = dict(
         name="freeflow._C",
@@ -34,11 +38,11 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             sources=cpp + cu,
             define_macros=[("FREEFLOW_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             **kwargs,
         )
     else:
-        ext = cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = cpp_extension.CppExtension(sources=host, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
