@@ -128,7 +128,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class id → vector; row ``num_classes`` is the null (unconditional) class."""
+    """Class id → vector; row ``num_classes`` is the null (unconditional) class.
+
+    Unlike DiT's, it never drops labels by itself in training mode: a trainer that wants classifier-free
+    dropout replaces ids with ``num_classes`` explicitly, so a forward is a pure function of its inputs.
+    """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -136,11 +140,9 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, y, force_drop_ids=None):
-        if self.training and self.dropout_prob > 0 or force_drop_ids is not None:
-            drop = force_drop_ids == 1 if force_drop_ids is not None else (
-                torch.rand(y.shape[0], device=y.device) < self.dropout_prob)
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def forward(self, y):
+        if y.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"y must hold integer class ids, got dtype {y.dtype}")
         return self.embedding_table(y)
 
 

@@ -1,0 +1,115 @@
+"""Checkpoints in the official key layouts and an independent functional DiT forward (test support).
+
+Written from the published architecture (facebookresearch/DiT models.py, SiT, REPA sit.py) with plain
+torch.nn.functional calls; it shares no code with freeflow.models.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def official_state_dict(*, hidden=64, depth=2, heads=4, patch=2, in_ch=4, size=8, num_classes=10,
+                        learn_sigma=True, mlp_ratio=4.0, freq=256, qk_norm=False, projector=False,
+                        extra_embedders=(), seed=0):
+    """Random tensors under the official key names and shapes (pos_embed is the real sin-cos table)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    out_ch = 2 * in_ch if learn_sigma else in_ch
+    mlp = int(hidden * mlp_ratio)
+    hd = hidden // heads
+    sd = {
+        "pos_embed": torch.from_numpy(pos_embed_2d(hidden, size // patch)).float().unsqueeze(0),
+        "x_embedder.proj.weight": r(hidden, in_ch, patch, patch), "x_embedder.proj.bias": r(hidden),
+        "y_embedder.embedding_table.weight": r(num_classes + 1, hidden),
+        "final_layer.linear.weight": r(patch * patch * out_ch, hidden), "final_layer.linear.bias": r(patch * patch * out_ch),
+        "final_layer.adaLN_modulation.1.weight": r(2 * hidden, hidden), "final_layer.adaLN_modulation.1.bias": r(2 * hidden),
+    }
+    for name in ("t_embedder",) + tuple(extra_embedders):
+        sd.update({f"{name}.mlp.0.weight": r(hidden, freq), f"{name}.mlp.0.bias": r(hidden),
+                   f"{name}.mlp.2.weight": r(hidden, hidden), f"{name}.mlp.2.bias": r(hidden)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({
+            b + "attn.qkv.weight": r(3 * hidden, hidden), b + "attn.qkv.bias": r(3 * hidden),
+            b + "attn.proj.weight": r(hidden, hidden), b + "attn.proj.bias": r(hidden),
+            b + "mlp.fc1.weight": r(mlp, hidden), b + "mlp.fc1.bias": r(mlp),
+            b + "mlp.fc2.weight": r(hidden, mlp), b + "mlp.fc2.bias": r(hidden),
+            b + "adaLN_modulation.1.weight": r(6 * hidden, hidden), b + "adaLN_modulation.1.bias": r(6 * hidden),
+        })
+        if qk_norm:
+            sd.update({b + "attn.q_norm.weight": 1 + r(hd), b + "attn.q_norm.bias": r(hd),
+                       b + "attn.k_norm.weight": 1 + r(hd), b + "attn.k_norm.bias": r(hd)})
+    if projector:  # REPA build_mlp(hidden, projector_dim, z_dim): Linear-SiLU-Linear-SiLU-Linear
+        sd.update({"projectors.0.0.weight": r(32, hidden), "projectors.0.0.bias": r(32),
+                   "projectors.0.2.weight": r(32, 32), "projectors.0.2.bias": r(32),
+                   "projectors.0.4.weight": r(16, 32), "projectors.0.4.bias": r(16)})
+    return sd
+
+
+def pos_embed_2d(dim, grid):
+    def axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([axis(dim // 2, gw), axis(dim // 2, gh)], axis=1)
+
+
+def _temb(t, dim=256, max_period=10000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _embed(sd, name, t):
+    h = F.linear(_temb(t, sd[f"{name}.mlp.0.weight"].shape[1]), sd[f"{name}.mlp.0.weight"], sd[f"{name}.mlp.0.bias"])
+    return F.linear(F.silu(h), sd[f"{name}.mlp.2.weight"], sd[f"{name}.mlp.2.bias"])
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def functional_dit(sd, x, t, y, *, heads, dt=None, gw=None, qk_norm=False, drop_sigma=False):
+    """The published DiT forward, written out with functional ops on an official state dict."""
+    n, c, hgt, wid = x.shape
+    p = sd["x_embedder.proj.weight"].shape[-1]
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
+    cond = _embed(sd, "t_embedder", t) + sd["y_embedder.embedding_table.weight"][y]
+    if dt is not None:
+        cond = cond + _embed(sd, "dt_embedder", dt)
+    if gw is not None:
+        cond = cond + _embed(sd, "gw_embedder", gw)
+    d = h.shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        b = lambda k: sd[f"blocks.{i}.{k}"]  # noqa: E731
+        mod = F.linear(F.silu(cond), b("adaLN_modulation.1.weight"), b("adaLN_modulation.1.bias"))
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+        a = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh1, sc1)
+        qkv = F.linear(a, b("attn.qkv.weight"), b("attn.qkv.bias")).reshape(n, -1, 3, heads, d // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if qk_norm:
+            q = F.layer_norm(q, (d // heads,), b("attn.q_norm.weight"), b("attn.q_norm.bias"))
+            k = F.layer_norm(k, (d // heads,), b("attn.k_norm.weight"), b("attn.k_norm.bias"))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)
+        h = h + g1.unsqueeze(1) * F.linear(a, b("attn.proj.weight"), b("attn.proj.bias"))
+        m = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh2, sc2)
+        m = F.gelu(F.linear(m, b("mlp.fc1.weight"), b("mlp.fc1.bias")), approximate="tanh")
+        h = h + g2.unsqueeze(1) * F.linear(m, b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+    sh, sc = F.linear(F.silu(cond), sd["final_layer.adaLN_modulation.1.weight"],
+                      sd["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    h = F.linear(_modulate(F.layer_norm(h, (d,), eps=1e-6), sh, sc), sd["final_layer.linear.weight"],
+                 sd["final_layer.linear.bias"])
+    oc = h.shape[-1] // (p * p)
+    gh, gw_ = hgt // p, wid // p
+    out = torch.einsum("nhwpqc->nchpwq", h.reshape(n, gh, gw_, p, p, oc)).reshape(n, oc, hgt, wid)
+    return out[:, :c] if drop_sigma else out
