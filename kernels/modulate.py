@@ -4,12 +4,29 @@
     ẏ = ẋ̂·(1 + s) + x̂·ṡ + ḃ,   ẋ̂ = (ẋ - mean(ẋ) - x̂·mean(x̂·ẋ))/σ
     backward: g_x̂ = g·(1 + s),  dx = (g_x̂ - mean(g_x̂) - x̂·mean(g_x̂·x̂))/σ,
               ds = Σ_tokens g·x̂,  db = Σ_tokens g
+
+Kernel design. One forward kernel (``_adaln_fwd_kernel``) serves this op, the gated residual and the
+fused gated-residual + modulate seam of ``gated_residual.py`` through constexpr flags:
+``HAS_RESIDUAL`` first forms x' = x + a·h (rounded to the storage dtype, so the statistics see the
+same x' the unfused ops and the backward see) and stores it; ``HAS_NORM`` normalises and modulates;
+the tangent flags (``HAS_TX``, ``HAS_TGATE``, ``HAS_TH``, ``HAS_TSHIFT``, ``HAS_TSCALE``) add the
+forward tangents in the same pass, skipping the terms whose tangent is zero. A program owns BLOCK_S
+whole rows of one sample (the row must be on chip for μ, σ), computes in fp32 and saves μ and 1/σ
+per row (8 bytes/token) for the backward. The backward kernel (``_adaln_bwd_kernel``) recomputes x̂
+from the saved x' and statistics; a program owns a chunk of one sample's tokens and writes its
+partial Σ g·x̂, Σ g (and Σ dx'·h for the gate) to its own row of a fp32 buffer, which one torch sum
+finishes: no atomics, deterministic.
+
+Autograd. ``AdaLNFunction`` (primal; its ``jvp`` rule runs the fused kernel, so ``torch.func.jvp``
+and ``forward_ad`` work) and ``AdaLNJVPFunction`` (primal and tangents in one launch; tangents are
+non-differentiable outputs) share the backward. Both are in ``setup_context`` style.
 """
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_backend
+from ._dispatch import check_backend, use_triton
+from ._launch import kernel_rule, last_dim_contiguous, reduction_chunks, row_tiles, saved, tl, triton
 from ._validate import check_modulation, check_tangents
 from .layer_norm import normalize, normalize_tangent
 
@@ -45,13 +62,347 @@ def adaln_modulate_jvp_reference(x, shift, scale, tx, tshift, tscale, eps: float
     return y.to(x.dtype), ty.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, Gate, H, Shift, Scale,            # primal inputs (Gate, H only with HAS_RESIDUAL)
+    XOut, Y, Mean, Rstd,                 # x' (HAS_RESIDUAL), y, μ, 1/σ (HAS_NORM)
+    TX, TGate, TH, TShift, TScale,       # input tangents (each behind its HAS_* flag)
+    TXOut, TY,                           # ẋ' (HAS_RESIDUAL and TANGENT_X), ẏ (TANGENT_Y)
+    stride_xn, stride_xs, stride_hn, stride_hs, stride_txn, stride_txs, stride_thn, stride_ths,
+    stride_gate, stride_shift, stride_scale, stride_tgate, stride_tshift, stride_tscale,
+    S, C, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_TX: tl.constexpr, HAS_TGATE: tl.constexpr, HAS_TH: tl.constexpr,
+    HAS_TSHIFT: tl.constexpr, HAS_TSCALE: tl.constexpr,
+    TANGENT_X: tl.constexpr, TANGENT_Y: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < S)[:, None] & col_ok[None, :]
+    out = n * S * C + rows[:, None] * C + cols[None, :]  # outputs are freshly allocated, contiguous
+
+    x = tl.load(X + n * stride_xn + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        a = tl.load(Gate + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h = tl.load(H + n * stride_hn + rows[:, None] * stride_hs + cols[None, :], mask=mask, other=0.0)
+        h = h.to(tl.float32)
+        x_new = (x + a * h).to(XOut.dtype.element_ty)
+        tl.store(XOut + out, x_new, mask=mask)
+        x = x_new.to(tl.float32)
+    if TANGENT_X:
+        tx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        if HAS_TX:
+            tx += tl.load(TX + n * stride_txn + rows[:, None] * stride_txs + cols[None, :],
+                          mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            if HAS_TGATE:
+                ta = tl.load(TGate + n * stride_tgate + cols, mask=col_ok, other=0.0).to(tl.float32)
+                tx += ta[None, :] * h
+            if HAS_TH:
+                th = tl.load(TH + n * stride_thn + rows[:, None] * stride_ths + cols[None, :],
+                             mask=mask, other=0.0).to(tl.float32)
+                tx += a * th
+            tl.store(TXOut + out, tx.to(TXOut.dtype.element_ty), mask=mask)
+            # LN's tangent sees ẋ' as stored, like the unfused ops do
+            tx = tx.to(TXOut.dtype.element_ty).to(tl.float32)
+    if HAS_NORM:
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        tl.store(Mean + n * S + rows, mean, mask=rows < S)
+        tl.store(Rstd + n * S + rows, rstd, mask=rows < S)
+        xhat = xc * rstd[:, None]
+        s = tl.load(Scale + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(Shift + n * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + out, (xhat * (1.0 + s) + b).to(Y.dtype.element_ty), mask=mask)
+        if TANGENT_Y:
+            ty = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+            if TANGENT_X:
+                mean_tx = tl.sum(tx, axis=1) / C
+                mean_xhat_tx = tl.sum(xhat * tx, axis=1) / C
+                txhat = (tx - mean_tx[:, None] - xhat * mean_xhat_tx[:, None]) * rstd[:, None]
+                ty += txhat * (1.0 + s)
+            if HAS_TSCALE:
+                ts = tl.load(TScale + n * stride_tscale + cols, mask=col_ok, other=0.0).to(tl.float32)
+                ty += xhat * ts[None, :]
+            if HAS_TSHIFT:
+                tb = tl.load(TShift + n * stride_tshift + cols, mask=col_ok, other=0.0).to(tl.float32)
+                ty += tb[None, :]
+            tl.store(TY + out, ty.to(TY.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DY, DXOut, XN, Mean, Rstd, Scale, Gate, H,   # g_y, g_x' (from the residual stream), saved values
+    DX, DH, DShift, DScale, DGate,               # dx, dh; per-chunk partial sums (N, chunks, C) fp32
+    stride_dyn, stride_dys, stride_dxon, stride_dxos, stride_xnn, stride_xns, stride_hn, stride_hs,
+    stride_scale, stride_gate,
+    S, C, chunks, tokens_per_chunk,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_DXOUT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    start = chunk * tokens_per_chunk
+    end = tl.minimum(start + tokens_per_chunk, S)
+    d_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    d_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    d_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_NORM:
+        s = tl.load(Scale + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        a = tl.load(Gate + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for s0 in range(start, end, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        mask = (rows < end)[:, None] & col_ok[None, :]
+        out = n * S * C + rows[:, None] * C + cols[None, :]
+        dx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        if HAS_NORM:
+            g = tl.load(DY + n * stride_dyn + rows[:, None] * stride_dys + cols[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(XN + n * stride_xnn + rows[:, None] * stride_xns + cols[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + n * S + rows, mask=rows < end, other=0.0)
+            rstd = tl.load(Rstd + n * S + rows, mask=rows < end, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            d_scale += tl.sum(g * xhat, axis=0)
+            d_shift += tl.sum(g, axis=0)
+            g_xhat = g * (1.0 + s)
+            mean_g = tl.sum(g_xhat, axis=1) / C
+            mean_gx = tl.sum(g_xhat * xhat, axis=1) / C
+            dx += (g_xhat - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+        if HAS_DXOUT:
+            dx += tl.load(DXOut + n * stride_dxon + rows[:, None] * stride_dxos + cols[None, :],
+                          mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_RESIDUAL:
+            h = tl.load(H + n * stride_hn + rows[:, None] * stride_hs + cols[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            tl.store(DH + out, (a * dx).to(DH.dtype.element_ty), mask=mask)
+            d_gate += tl.sum(dx * h, axis=0)
+    part = (n * chunks + chunk) * C + cols
+    if HAS_NORM:
+        tl.store(DShift + part, d_shift, mask=col_ok)
+        tl.store(DScale + part, d_scale, mask=col_ok)
+    if HAS_RESIDUAL:
+        tl.store(DGate + part, d_gate, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers (shared with gated_residual.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides2(t):
+    """(stride over N, stride over S) of a (N, S, C) tensor, or zeros for an absent one."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _stride1(t):
+    return t.stride(0) if t is not None else 0
+
+
+def adaln_forward(x, shift=None, scale=None, eps=1e-6, gate=None, h=None,
+                  tx=None, tgate=None, th=None, tshift=None, tscale=None, *, norm=True):
+    """Launch the fused forward. Returns (x', y, μ, 1/σ, ẋ', ẏ); absent parts are None.
+
+    Residual mode when ``gate``/``h`` are given; ``norm=False`` stops after x' = x + a·h. A tangent
+    output is produced only when some input tangent it depends on is given.
+    """
+    residual = h is not None
+    x, h, tx, th = (last_dim_contiguous(t) for t in (x, h, tx, th))
+    gate, shift, scale, tgate, tshift, tscale = (
+        last_dim_contiguous(t) for t in (gate, shift, scale, tgate, tshift, tscale))
+    N, S, C = x.shape
+    tangent_x = tx is not None or (residual and (tgate is not None or th is not None))
+    tangent_y = norm and (tangent_x or tshift is not None or tscale is not None)
+    x_out = torch.empty((N, S, C), device=x.device, dtype=x.dtype) if residual else None
+    y = torch.empty((N, S, C), device=x.device, dtype=x.dtype) if norm else None
+    mean = torch.empty((N, S), device=x.device, dtype=torch.float32) if norm else None
+    rstd = torch.empty_like(mean) if norm else None
+    tx_out = torch.empty_like(x_out) if residual and tangent_x else None
+    ty = torch.empty_like(y) if tangent_y else None
+    BLOCK_S, BLOCK_C, num_warps = row_tiles(C, S)
+    grid = (N, triton.cdiv(S, BLOCK_S))
+    _adaln_fwd_kernel[grid](
+        x, gate, h, shift, scale,
+        x_out, y, mean, rstd,
+        tx, tgate, th, tshift, tscale,
+        tx_out, ty,
+        *_strides2(x), *_strides2(h), *_strides2(tx), *_strides2(th),
+        _stride1(gate), _stride1(shift), _stride1(scale), _stride1(tgate), _stride1(tshift), _stride1(tscale),
+        S, C, eps,
+        HAS_RESIDUAL=residual, HAS_NORM=norm,
+        HAS_TX=tx is not None, HAS_TGATE=tgate is not None, HAS_TH=th is not None,
+        HAS_TSHIFT=tshift is not None, HAS_TSCALE=tscale is not None,
+        TANGENT_X=tangent_x, TANGENT_Y=tangent_y,
+        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps,
+    )
+    if not residual and tangent_x:
+        tx_out = tx  # ẋ' is ẋ when there is no residual: callers never need it, but keep it defined
+    return x_out, y, mean, rstd, tx_out, ty
+
+
+def adaln_backward(dy, dx_out, xn, mean, rstd, scale, gate=None, h=None, *, norm=True):
+    """Gradients (dx, dh, d_gate, d_shift, d_scale) of ``adaln_forward``'s primal outputs.
+
+    ``dy``: gradient of y (norm mode); ``dx_out``: gradient reaching x' directly (residual mode);
+    ``xn``: the tensor that was normalised (x' or x). Absent results are None.
+    """
+    residual = h is not None
+    ref = dy if dy is not None else dx_out
+    N, S, C = ref.shape
+    dy, dx_out, xn, h = (last_dim_contiguous(t) for t in (dy, dx_out, xn, h))
+    BLOCK_S, BLOCK_C, num_warps = row_tiles(C, S)
+    chunks, tokens = reduction_chunks(N, S, BLOCK_S, ref.device)
+    dtype = xn.dtype if xn is not None else h.dtype
+    dx = torch.empty((N, S, C), device=ref.device, dtype=dtype) if norm else dx_out
+    dh = torch.empty((N, S, C), device=ref.device, dtype=h.dtype) if residual else None
+    partial = lambda on: torch.empty((N, chunks, C), device=ref.device, dtype=torch.float32) if on else None
+    d_shift, d_scale, d_gate = partial(norm), partial(norm), partial(residual)
+    _adaln_bwd_kernel[(N, chunks)](
+        dy, dx_out, xn, mean, rstd, scale, gate, h,
+        dx, dh, d_shift, d_scale, d_gate,
+        *_strides2(dy), *_strides2(dx_out), *_strides2(xn), *_strides2(h),
+        _stride1(scale), _stride1(gate),
+        S, C, chunks, tokens,
+        HAS_RESIDUAL=residual, HAS_NORM=norm, HAS_DXOUT=dx_out is not None,
+        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps,
+    )
+    finish = lambda part, like: part.sum(1).to(like.dtype) if part is not None else None
+    return dx, dh, finish(d_gate, gate), finish(d_shift, scale), finish(d_scale, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions (one pair for the whole family: modulate, gated residual, and both fused)
+# ----------------------------------------------------------------------------------------------
+
+
+def _primal_layout(residual, norm):
+    """Names of the primal outputs of the family's Functions, in order."""
+    return ("x_out",) * residual + ("y", "mean", "rstd") * norm
+
+
+class AdaLNFunction(torch.autograd.Function):
+    """Primal outputs (x'?, y?, μ?, 1/σ?) of the family; ``jvp`` runs the fused tangent kernel."""
+
+    @staticmethod
+    def forward(x, gate, h, shift, scale, eps, norm):
+        x_out, y, mean, rstd, _, _ = adaln_forward(x, shift, scale, eps, gate, h, norm=norm)
+        named = {"x_out": x_out, "y": y, "mean": mean, "rstd": rstd}
+        return tuple(named[k] for k in _primal_layout(h is not None, norm))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gate, h, shift, scale, eps, norm = inputs
+        _save_for_backward(ctx, inputs, output)
+        ctx.save_for_forward(x, gate, h, shift, scale)
+
+    @staticmethod
+    @kernel_rule
+    def backward(ctx, *grads):
+        return _backward(ctx, grads) + (None, None)
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, tx, tgate, th, tshift, tscale, _teps, _tnorm):
+        x, gate, h, shift, scale = saved(ctx)
+        _, _, _, _, tx_out, ty = adaln_forward(
+            x, shift, scale, ctx.eps, gate, h, tx, tgate, th, tshift, tscale, norm=ctx.norm)
+        named = {"x_out": _zeros_if_none(tx_out, x), "y": _zeros_if_none(ty, x), "mean": None, "rstd": None}
+        return tuple(named[k] for k in _primal_layout(ctx.residual, ctx.norm))
+
+
+class AdaLNJVPFunction(torch.autograd.Function):
+    """Primal outputs followed by the tangents (ẋ'?, ẏ?) that are not zero by structure; one launch."""
+
+    @staticmethod
+    def forward(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps, norm):
+        x_out, y, mean, rstd, tx_out, ty = adaln_forward(
+            x, shift, scale, eps, gate, h, tx, tgate, th, tshift, tscale, norm=norm)
+        named = {"x_out": x_out, "y": y, "mean": mean, "rstd": rstd}
+        primal = tuple(named[k] for k in _primal_layout(h is not None, norm))
+        tangents = tuple(t for t in ((tx_out if h is not None else None), ty) if t is not None)
+        return primal + tangents
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps, norm = inputs
+        _save_for_backward(ctx, (x, gate, h, shift, scale, eps, norm), output)
+        ctx.mark_non_differentiable(*output[len(_primal_layout(h is not None, norm)):])
+
+    @staticmethod
+    @kernel_rule
+    def backward(ctx, *grads):
+        n_primal = len(_primal_layout(ctx.residual, ctx.norm))
+        return _backward(ctx, grads[:n_primal]) + (None,) * 7
+
+
+def _zeros_if_none(t, like):
+    return torch.zeros_like(like) if t is None else t
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, gate, h, shift, scale, eps, norm = inputs
+    ctx.residual, ctx.norm, ctx.eps = h is not None, norm, eps
+    names = _primal_layout(ctx.residual, norm)
+    out = dict(zip(names, output))
+    # The backward normalises x' (an output when the residual is fused) with the saved statistics.
+    xn = out["x_out"] if ctx.residual else x
+    ctx.save_for_backward(xn if norm else None, out.get("mean"), out.get("rstd"), scale, gate, h)
+    if norm:
+        ctx.mark_non_differentiable(out["mean"], out["rstd"])
+
+
+def _backward(ctx, grads):
+    """Input gradients (x, gate, h, shift, scale) from the primal outputs' gradients."""
+    xn, mean, rstd, scale, gate, h = saved(ctx)
+    out = dict(zip(_primal_layout(ctx.residual, ctx.norm), grads))
+    dx, dh, d_gate, d_shift, d_scale = adaln_backward(
+        out.get("y"), out.get("x_out"), xn, mean, rstd, scale, gate, h, norm=ctx.norm)
+    need = ctx.needs_input_grad
+    keep = lambda g, i: g if need[i] else None
+    return keep(dx, 0), keep(d_gate, 1), keep(dh, 2), keep(d_shift, 3), keep(d_scale, 4)
+
+
+def _modulate_triton(x, shift, scale, eps):
+    y, _, _ = AdaLNFunction.apply(x, None, None, shift, scale, eps, True)
+    return y
+
+
+def _modulate_jvp_triton(x, shift, scale, tx, tshift, tscale, eps):
+    detach = lambda t: None if t is None else t.detach()
+    y, _, _, ty = AdaLNJVPFunction.apply(
+        x, None, None, shift, scale, detach(tx), None, None, detach(tshift), detach(tscale), eps, True)
+    return y, ty
+
+
 def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, backend=None):
     """LayerNorm(x)·(1 + scale) + shift for x (N, S, C), shift/scale (N, C)."""
-    check_backend(backend)
-    return adaln_modulate_reference(x, shift, scale, eps)
+    check_modulation(x, "x", shift=shift, scale=scale)
+    if not use_triton(x, shift, scale, backend=backend):
+        return adaln_modulate_reference(x, shift, scale, eps)
+    return _modulate_triton(x, shift, scale, eps)
 
 
 def adaln_modulate_jvp(x, shift, scale, tx, tshift, tscale, eps: float = 1e-6, *, backend=None):
     """(adaln_modulate(x, shift, scale), its tangent); primal differentiable, tangent detached."""
-    check_backend(backend)
-    return adaln_modulate_jvp_reference(x, shift, scale, tx, tshift, tscale, eps)
+    check_modulation(x, "x", shift=shift, scale=scale)
+    check_tangents([("tx", tx, x), ("tshift", tshift, shift), ("tscale", tscale, scale)])
+    if not use_triton(x, shift, scale, tx, tshift, tscale, backend=backend):
+        return adaln_modulate_jvp_reference(x, shift, scale, tx, tshift, tscale, eps)
+    if tx is None and tshift is None and tscale is None:
+        return _modulate_triton(x, shift, scale, eps), None
+    return _modulate_jvp_triton(x, shift, scale, tx, tshift, tscale, eps)

@@ -1,0 +1,143 @@
+"""Launch settings and Triton plumbing shared by every kernel in ``freeflow.kernels``.
+
+One place decides tile sizes, warps and grid shapes, so the op files hold only math. The settings
+differ in the Triton interpreter (``TRITON_INTERPRET=1``): there each program instance runs as numpy
+ops in Python, so per-op overhead dominates and bigger tiles are faster, while on a GPU the tile is
+bounded by registers.
+
+Triton is optional at import time (it is only installable on Linux x86-64): without it the kernels
+below are still *defined* (the decorators become no-ops) but never launched, because dispatch
+(``_dispatch.use_triton``) falls back to the references.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is not installable
+
+    class _NoTriton:
+        """Stands in for ``triton``/``triton.language`` so kernel definitions still import."""
+
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            if len(args) == 1 and callable(args[0]) and not kwargs:
+                return args[0]  # bare decorator
+            return lambda fn: fn  # decorator factory (autotune, jit(...)) or Config(...)
+
+    triton = tl = _NoTriton()
+
+__all__ = ["triton", "tl", "interpreting", "kernel_rule", "saved", "next_power_of_2", "last_dim_contiguous", "row_tiles",
+           "reduction_chunks", "elementwise_tiles", "dot_settings"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def plain(t):
+    """The underlying tensor of a ``torch.func`` wrapper (identity for ordinary tensors and None)."""
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def kernel_rule(rule):
+    """Decorator for an autograd.Function's ``jvp``/``backward`` that launches kernels.
+
+    Under ``torch.func.jvp``/``grad`` these rules receive functorch-wrapped tensors (and tensors
+    they allocate get wrapped too), which have no storage a kernel can write to. The rules compute
+    their results only through kernel launches, so running them on the raw values with functorch
+    switched off is exact; torch wraps the returned tensors at the right level. Read saved tensors
+    through ``saved(ctx)``.
+    """
+
+    @functools.wraps(rule)
+    def run(ctx, *args):
+        with torch._C._DisableFuncTorch():
+            return rule(ctx, *map(plain, args))
+
+    return run
+
+
+def saved(ctx):
+    return tuple(map(plain, ctx.saved_tensors))
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels take explicit strides for every dim but the last, which must be unit-stride."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    # A few waves per SM hide latency; in the interpreter 4 is enough to exercise the multi-chunk
+    # path of the partial reductions without slowing the tests down.
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def row_tiles(C: int, S: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_C, num_warps) for kernels that normalise whole rows of length C.
+
+    A program holds BLOCK_S full rows: the whole row must be on chip for the LayerNorm statistics.
+    On a GPU a tile of ~4K fp32 values keeps every live row tensor in registers (DiT-XL's C = 1152
+    pads to 2048 → 2 rows per program); the interpreter takes ~16K values per tile.
+    """
+    BLOCK_C = max(16, next_power_of_2(C))
+    budget = 16384 if interpreting() else 4096
+    BLOCK_S = max(1, min(next_power_of_2(S), budget // BLOCK_C))
+    values = BLOCK_S * BLOCK_C
+    num_warps = 4 if values <= 2048 else 8 if values <= 8192 else 16
+    return BLOCK_S, BLOCK_C, num_warps
+
+
+def reduction_chunks(N: int, S: int, BLOCK_S: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, tokens_per_chunk) for backward kernels that reduce over the S tokens of a sample.
+
+    Each of the N·chunks programs sums its tokens into its own row of a (N, chunks, C) fp32 buffer,
+    then one small torch ``sum`` finishes: no atomics, and the result is deterministic.
+    """
+    tiles = triton.cdiv(S, BLOCK_S)
+    chunks = max(1, min(tiles, triton.cdiv(_programs_wanted(device), N)))
+    tokens = triton.cdiv(tiles, chunks) * BLOCK_S
+    return triton.cdiv(S, tokens), tokens
+
+
+def elementwise_tiles(M: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for row-wise elementwise kernels over an (M, C) view."""
+    budget = 16384 if interpreting() else 2048
+    BLOCK_C = max(16, min(next_power_of_2(C), 1024 if not interpreting() else 4096))
+    BLOCK_M = max(1, min(next_power_of_2(M), budget // BLOCK_C))
+    return BLOCK_M, BLOCK_C, 4 if BLOCK_M * BLOCK_C <= 2048 else 8
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, PRECISION) for kernels built on ``tl.dot``.
+
+    fp32 inputs use IEEE products (TF32 would break the 1e-4 accuracy contract). fp16/bf16 feed the
+    tensor cores natively with fp32 accumulation; the interpreter has no bf16 arithmetic, so there
+    the operands are upcast to fp32 first.
+    """
+    upcast = dtype == torch.float32 or interpreting()
+    return upcast, "ieee" if upcast else "tf32"
