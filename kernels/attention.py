@@ -7,12 +7,30 @@
 The reference materialises P (B·H·S² values) and computes in fp32 for fp16/bf16 inputs. It is
 written with plain tensor ops so autograd and forward-mode AD (``torch.func.jvp``) go through it;
 SDPA's CPU kernels have no forward-AD formula.
+
+Kernel design (JVP flash attention). One forward kernel family; the constexpr flags ``HAS_TQ``,
+``HAS_TK``, ``HAS_TV`` turn the tangent on term by term. A program owns BLOCK_M queries of one
+(batch, head) and streams BLOCK_N keys at a time with the online softmax in base 2 (log2(e) folded
+into the scale, ``exp2``), keeping besides the usual running max m, l = Σ e^{s-m} and Σ e^{s-m} v
+the three tangent accumulators of DESIGN §4 — μ = Σ e^{s-m} ṡ, Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ — all
+rescaled by the same factor. At the end O = acc/l and Ȯ = Σṡv/l - (μ/l)·O + Σv̇/l; the row
+log-sum-exp (log2 units) is stored for the backward. P is never materialised: ~3× the primal FLOPs
+for (O, Ȯ) in one pass, 4 bytes/query saved for backward besides Q, K, V, O.
+Head dims are padded to the next power of two and masked (DiT-XL's 72 → 128); any sequence length
+works by masking keys (s = -inf) and query rows. Products run on the tensor cores in fp16/bf16 with
+fp32 accumulation, in IEEE fp32 for fp32 inputs; in the interpreter everything is upcast to fp32.
+The backward is the standard flash backward for the primal only (tangents are stop-gradient): a
+preprocess kernel forms Δ = rowsum(dO ⊙ O), one kernel owns a key block (dK, dV) and one a query
+block (dQ), so nothing needs atomics. Autotune configs target A100/H100; the interpreter runs the
+first. Autograd: ``AttentionFunction`` (its ``jvp`` rule launches the tangent variant, so
+``torch.func.jvp`` / ``forward_ad`` work) and ``AttentionJVPFunction`` (O and Ȯ in one launch).
 """
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_backend
+from ._dispatch import use_triton
+from ._launch import dot_settings, interpreting, kernel_rule, next_power_of_2, saved, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor
 
 
@@ -68,13 +86,409 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
     return o.to(q.dtype), to.to(q.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+
+def _configs(pairs):
+    """Autotune configs for A100/H100; the interpreter runs the first only (no GPU to time on)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in pairs]
+    return configs[:1] if interpreting() else configs
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The tangent variant keeps three [BLOCK_M, BLOCK_DV]
+# fp32 accumulators instead of one, so the smaller tiles are in the list for it and for head dim 128.
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                         (64, 32, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 2)])
+_FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST"]
+_BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST"]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, TQ, TK, TV,         # (B, H, S, D|Dv) inputs and tangents, any strides
+    O, TO, LSE,                  # O, Ȯ: contiguous (B, H, S_q, Dv); LSE: (B, H, S_q) fp32, log2 units
+    sm_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_tqb, stride_tqh, stride_tqs, stride_tqd,
+    stride_tkb, stride_tkh, stride_tks, stride_tkd,
+    stride_tvb, stride_tvh, stride_tvs, stride_tvd,
+    H, S_q, S_k, D, Dv,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, STORE_O: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < S_q
+    d_ok = offs_d < D
+    dv_ok = offs_dv < Dv
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    TANGENT_S: tl.constexpr = HAS_TQ or HAS_TK
+    if HAS_TQ:
+        tq = tl.load(TQ + b * stride_tqb + h * stride_tqh + rows[:, None] * stride_tqs + offs_d[None, :] * stride_tqd,
+                     mask=q_mask, other=0.0)
+        if UPCAST:
+            tq = tq.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: the softmax runs on exp2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # Σ e^{s - m}
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # Σ e^{s - m} v
+    if TANGENT_S:
+        mu = tl.zeros([BLOCK_M], dtype=tl.float32)               # Σ e^{s - m} ṡ
+        acc_sv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # Σ e^{s - m} ṡ v
+    if HAS_TV:
+        acc_tv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # Σ e^{s - m} v̇
+    for start_n in range(0, S_k, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S_k
+        k_mask = col_ok[:, None] & d_ok[None, :]
+        v_mask = col_ok[:, None] & dv_ok[None, :]
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=k_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=v_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if TANGENT_S:
+            s_dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_TQ:
+                s_dot += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+            if HAS_TK:
+                tk = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tks
+                             + offs_d[None, :] * stride_tkd, mask=k_mask, other=0.0)
+                if UPCAST:
+                    tk = tk.to(tl.float32)
+                s_dot += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
+            p_sdot = p * (s_dot * sm_scale)  # ṡ in natural units, as in the formula for Ȯ
+            mu = mu * alpha + tl.sum(p_sdot, axis=1)
+            acc_sv = acc_sv * alpha[:, None] + tl.dot(p_sdot.to(v.dtype), v, input_precision=PRECISION)
+        if HAS_TV:
+            tv = tl.load(TV + b * stride_tvb + h * stride_tvh + cols[:, None] * stride_tvs
+                         + offs_dv[None, :] * stride_tvd, mask=v_mask, other=0.0)
+            if UPCAST:
+                tv = tv.to(tl.float32)
+            acc_tv = acc_tv * alpha[:, None] + tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    out = bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :]
+    o_mask = row_ok[:, None] & dv_ok[None, :]
+    if STORE_O:
+        tl.store(O + out, o.to(O.dtype.element_ty), mask=o_mask)
+        tl.store(LSE + bh * S_q + rows, m_i + tl.log2(l_i), mask=row_ok)
+    if TANGENT_S or HAS_TV:
+        o_dot = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        if TANGENT_S:
+            o_dot += acc_sv / l_i[:, None] - (mu / l_i)[:, None] * o
+        if HAS_TV:
+            o_dot += acc_tv / l_i[:, None]
+        tl.store(TO + out, o_dot.to(TO.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, Delta,                # Delta = rowsum(dO ⊙ O), fp32 (B, H, S_q)
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, S_q, Dv,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (rows < S_q)[:, None] & (offs_dv < Dv)[None, :]
+    o = tl.load(O + bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                 mask=mask, other=0.0)
+    tl.store(Delta + bh * S_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=rows < S_q)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_BWD_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta,     # saved inputs, incoming dO (any strides), saved LSE, Delta
+    DK, DV,                      # contiguous like K, V
+    sm_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, S_q, S_k, D, Dv,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program owns BLOCK_N keys and loops over all queries: dV = Pᵀ dO, dK = scale·dSᵀ Q."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < S_k
+    d_ok = offs_d < D
+    dv_ok = offs_dv < Dv
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start_m in range(0, S_q, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < S_q
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos
+                     + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    out_k = bh * S_k * D + cols[:, None] * D + offs_d[None, :]
+    out_v = bh * S_k * Dv + cols[:, None] * Dv + offs_dv[None, :]
+    tl.store(DK + out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + out_v, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_BWD_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta,
+    DQ,                          # contiguous like Q
+    sm_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, S_q, S_k, D, Dv,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program owns BLOCK_M queries and loops over all keys: dQ = scale·dS K (no atomics)."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < S_q
+    d_ok = offs_d < D
+    dv_ok = offs_dv < Dv
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, S_k, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S_k
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    out = bh * S_q * D + rows[:, None] * D + offs_d[None, :]
+    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides(t):
+    return t.stride() if t is not None else (0, 0, 0, 0)
+
+
+def _head_blocks(D, Dv):
+    """Head dims are padded to a power of two (≥ 16 for ``tl.dot``) and masked: 72 → 128."""
+    return max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
+
+
+def attention_forward(q, k, v, tq=None, tk=None, tv=None, scale=None, *, store_o=True):
+    """Launch the (JVP) flash forward. Returns (O or None, Ȯ or None, LSE or None); LSE in log2 units."""
+    B, H, S_q, D = q.shape
+    S_k, Dv = k.shape[2], v.shape[3]
+    scale = default_scale(q, scale)
+    tangent = tq is not None or tk is not None or tv is not None
+    o = torch.empty((B, H, S_q, Dv), device=q.device, dtype=q.dtype) if store_o else None
+    lse = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32) if store_o else None
+    to = torch.empty((B, H, S_q, Dv), device=q.device, dtype=q.dtype) if tangent else None
+    BLOCK_D, BLOCK_DV = _head_blocks(D, Dv)
+    UPCAST, PRECISION = dot_settings(q.dtype)
+    grid = lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, tq, tk, tv, o, to, lse, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(tq), *_strides(tk), *_strides(tv),
+        H, S_q, S_k, D, Dv,
+        HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, STORE_O=store_o,
+        UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+    )
+    return o, to, lse
+
+
+def attention_backward(do, q, k, v, o, lse, scale):
+    """(dQ, dK, dV) of O = softmax(scale·QKᵀ)V from the saved O and LSE (flash backward, no P stored)."""
+    B, H, S_q, D = q.shape
+    S_k, Dv = k.shape[2], v.shape[3]
+    BLOCK_D, BLOCK_DV = _head_blocks(D, Dv)
+    UPCAST, PRECISION = dot_settings(q.dtype)
+    delta = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32)
+    BLOCK_M = max(16, min(64, next_power_of_2(S_q)))
+    _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, BLOCK_M), B * H)](
+        o, do, delta, *_strides(do), H, S_q, Dv, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, S_q, S_k, D, Dv)
+    flags = dict(UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, scale, *args, **flags)
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, scale, *args, **flags)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------
+
+
+class AttentionFunction(torch.autograd.Function):
+    """(O, LSE); ``jvp`` runs the tangent variant of the forward kernel (Ȯ only, O not rewritten)."""
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        o, _, lse = attention_forward(q, k, v, scale=scale)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.scale = default_scale(q, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    @kernel_rule
+    def backward(ctx, do, _dlse):
+        return _backward(ctx, do) + (None,)
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, tq, tk, tv, _tscale):
+        q, k, v = saved(ctx)
+        _, to, _ = attention_forward(q, k, v, tq, tk, tv, ctx.scale, store_o=False)
+        return (torch.zeros_like(q[..., :1]).expand(*q.shape[:3], v.shape[3]) if to is None else to), None
+
+
+class AttentionJVPFunction(torch.autograd.Function):
+    """(O, Ȯ, LSE) in one launch; Ȯ and LSE are non-differentiable outputs."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, scale):
+        return attention_forward(q, k, v, tq, tk, tv, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, _, _, scale = inputs
+        o, to, lse = output
+        ctx.scale = default_scale(q, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(to, lse)
+
+    @staticmethod
+    @kernel_rule
+    def backward(ctx, do, _dto, _dlse):
+        return _backward(ctx, do) + (None,) * 4
+
+
+def _backward(ctx, do):
+    q, k, v, o, lse = saved(ctx)
+    grads = attention_backward(do, q, k, v, o, lse, ctx.scale)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3]))
+
+
+def _check_triton(q, k, v, *tangents):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16 on the Triton path, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)) + tuple(zip(("tq", "tk", "tv"), tangents)):
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if max(q.shape[3], v.shape[3]) > 256:
+        raise ValueError(f"head dims up to 256 are supported on the Triton path, got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k must have at least one token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
 def attention(q, k, v, scale=None, *, backend=None):
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` (no mask, no dropout)."""
-    check_backend(backend)
-    return attention_reference(q, k, v, scale)
+    _check(q, k, v)
+    if not use_triton(q, k, v, backend=backend):
+        return attention_reference(q, k, v, scale)
+    _check_triton(q, k, v)
+    return AttentionFunction.apply(q, k, v, scale)[0]
 
 
 def attention_jvp(q, k, v, tq, tk, tv, scale=None, *, backend=None):
     """One pass computing (O, Ȯ); ``o`` differentiable w.r.t. q, k, v, ``o_tangent`` detached."""
-    check_backend(backend)
-    return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
+    _check(q, k, v)
+    check_tangents([("tq", tq, q), ("tk", tk, k), ("tv", tv, v)])
+    if not use_triton(q, k, v, tq, tk, tv, backend=backend):
+        return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
+    _check_triton(q, k, v, tq, tk, tv)
+    if tq is None and tk is None and tv is None:
+        return attention(q, k, v, scale, backend=backend), None
+    detach = lambda t: None if t is None else t.detach()
+    o, to, _ = AttentionJVPFunction.apply(q, k, v, detach(tq), detach(tk), detach(tv), scale)
+    return o, to

@@ -1,0 +1,149 @@
+"""JVP flash attention: Triton kernels (interpreter) vs the reference, SDPA's math path, torch.func and autograd."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import freeflow.kernels as K
+from freeflow.kernels.attention import attention_jvp_reference, attention_reference
+
+T = "triton"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# (B, H, S, Dh): S = 1, 49, 100, 257 (masked tails across several key blocks), DiT head dims 64 and 72
+CASES = [(1, 2, 1, 64), (2, 1, 49, 72), (1, 2, 100, 72), (2, 1, 257, 64)]
+
+
+def rel_err(a, b):
+    """Normwise relative error max|a - b| / max|b| in fp32 (absolute where b is exactly zero)."""
+    a, b = a.float(), b.float()
+    scale = b.abs().max()
+    return ((a - b).abs().max() / (scale if scale > 0 else 1.0)).item()
+
+
+def check(a, b, dtype, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    err = rel_err(a, b)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def qkv(B, H, S, D, dtype, seed=0):
+    """q, k, v as DiT makes them: strided views of one (B, S, 3, H, D) projection (non-contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    proj = lambda: torch.randn(B, S, 3, H, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    return proj(), proj()
+
+
+def leaves(ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CASES)
+def test_fused_jvp_and_backward(shape, dtype):
+    (q, k, v), tangents = qkv(*shape, dtype)
+    assert shape[2] == 1 or not q.is_contiguous()
+    mine, ref = leaves((q, k, v)), leaves((q, k, v))
+    o, to = K.attention_jvp(*mine, *tangents, backend=T)
+    o_ref, to_ref = attention_jvp_reference(*ref, *tangents)
+    check(o, o_ref, dtype, "O")
+    check(to, to_ref, dtype, "tangent")
+    assert o.requires_grad and not to.requires_grad
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, g), torch.autograd.grad(o_ref, ref, g)):
+        check(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 49, 72), (1, 2, 257, 64)])
+def test_matches_sdpa_math_path_under_torch_func_jvp(shape):
+    (q, k, v), tangents = qkv(*shape, torch.float32, seed=2)
+    o, to = torch.func.jvp(lambda q, k, v: K.attention(q, k, v, backend=T), (q, k, v), tangents)
+    with sdpa_kernel(SDPBackend.MATH):
+        o_sdpa, to_sdpa = torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), tangents)
+    check(o, o_sdpa, torch.float32, "O vs SDPA")
+    check(to, to_sdpa, torch.float32, "tangent vs SDPA math path")
+    with fwAD.dual_level():
+        dual = K.attention(*[fwAD.make_dual(p, t) for p, t in zip((q, k, v), tangents)], backend=T)
+        check(fwAD.unpack_dual(dual).tangent, to_sdpa, torch.float32, "forward_ad tangent")
+
+
+def test_half_precision_and_cross_attention_with_scale():
+    (q, k, v), (tq, tk, tv) = qkv(2, 2, 49, 64, torch.float16, seed=3)
+    o, to = K.attention_jvp(q, k, v, tq, tk, tv, backend=T)
+    o_ref, to_ref = attention_jvp_reference(q, k, v, tq, tk, tv)
+    check(o, o_ref, torch.float16, "fp16 O")
+    check(to, to_ref, torch.float16, "fp16 tangent")
+    # S_q != S_k, Dv != Dh, explicit scale
+    g = torch.Generator().manual_seed(4)
+    shapes = [(2, 2, 49, 40), (2, 2, 17, 40), (2, 2, 17, 24)]
+    q, k, v = (torch.randn(*s, generator=g) for s in shapes)
+    tq, tk, tv = (torch.randn(*s, generator=g) for s in shapes)
+    mine, ref = leaves((q, k, v)), leaves((q, k, v))
+    o, to = K.attention_jvp(*mine, tq, tk, tv, scale=0.3, backend=T)
+    o_ref, to_ref = attention_jvp_reference(*ref, tq, tk, tv, scale=0.3)
+    check(o, o_ref, torch.float32, "cross O")
+    check(to, to_ref, torch.float32, "cross tangent")
+    gr = torch.randn(o.shape, generator=g)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, gr), torch.autograd.grad(o_ref, ref, gr)):
+        check(a, b, torch.float32, f"cross {name}")
+
+
+def test_partial_and_none_tangents():
+    (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=5)
+    for keep in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        tans = [t if kp else None for t, kp in zip(tangents, keep)]
+        _, to = K.attention_jvp(q, k, v, *tans, backend=T)
+        full = tuple(t if kp else torch.zeros_like(t) for t, kp in zip(tangents, keep))
+        _, to_func = torch.func.jvp(attention_reference, (q, k, v), full)
+        check(to, to_func, torch.float32, f"tangent with only {keep}")
+    o, to = K.attention_jvp(q, k, v, None, None, None, backend=T)
+    assert to is None
+    check(o, attention_reference(q, k, v), torch.float32, "O")
+
+
+def test_meanflow_step_with_torch_func_jvp():
+    """A MeanFlow-style step: u and du/dt by torch.func.jvp through a tiny attention net, then backward."""
+    g = torch.Generator().manual_seed(6)
+    B, H, S, D = 2, 2, 49, 64
+    w_in = torch.randn(D, 3 * H * D, generator=g) * D ** -0.5
+    w_out = torch.randn(H * D, D, generator=g) * (H * D) ** -0.5
+    z, eps = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+    t = torch.rand(B, 1, 1, generator=g)
+
+    def step(backend):
+        w = w_in.clone().requires_grad_()
+
+        def u(z, t):
+            qkv_ = ((z + t) @ w).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+            o = K.attention(*qkv_.unbind(0), backend=backend)
+            return o.transpose(1, 2).reshape(B, S, H * D) @ w_out
+
+        zt = (1 - t) * z + t * eps
+        out, dudt = torch.func.jvp(u, (zt, t), (eps - z, torch.ones_like(t)))
+        target = (eps - z - t * dudt).detach()
+        loss = (out - target).square().mean()
+        loss.backward()
+        return loss.detach(), dudt.detach(), w.grad
+
+    for name, a, b in zip(("loss", "du/dt", "dW"), step(T), step("reference")):
+        check(a, b, torch.float32, f"MeanFlow {name}")
+
+
+def test_validation():
+    (q, k, v), _ = qkv(1, 2, 5, 64, torch.float32)
+    with pytest.raises(ValueError, match="k must have shape"):
+        K.attention(q, k[..., :-1], v, backend=T)
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        K.attention(q[0], k, v, backend=T)
+    with pytest.raises(ValueError, match="tv"):
+        K.attention_jvp(q, k, v, None, None, v[:, :1], backend=T)
+    with pytest.raises(ValueError, match="k must have q's dtype"):
+        K.attention(q, k.half(), v, backend=T)
+    with pytest.raises(ValueError, match="q must be float32, float16 or bfloat16"):
+        K.attention(q.double(), k.double(), v.double(), backend=T)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        K.attention(*(torch.zeros(1, 1, 2, 300) for _ in range(3)), backend=T)
