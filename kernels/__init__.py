@@ -25,6 +25,7 @@ from .gelu import bias_gelu, bias_gelu_jvp, bias_gelu_jvp_reference, bias_gelu_r
 from .layer_norm import layer_norm, layer_norm_jvp
 from .linear import linear, linear_jvp
 from .modulate import adaln_modulate, adaln_modulate_jvp, adaln_modulate_jvp_reference, adaln_modulate_reference
+from .patch import patch_dit
 from .silu import silu, silu_jvp
 from .timestep import timestep_embedding, timestep_embedding_jvp
 
