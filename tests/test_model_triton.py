@@ -1,0 +1,86 @@
+"""A whole DiT on the Triton kernels (interpreter) equals the reference backend: forward_jvp and backward."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
+import pytest
+import torch
+import torch.nn as nn
+
+from freeflow.models import DiT
+
+TOL = 1e-4  # fp32; attention's accumulation order dominates
+
+
+def rel_err(a, b, floor=0.0):
+    return ((a - b).abs().max() / max(b.abs().max().item(), floor)).item()
+
+
+def pair(seed=0, **config):
+    """Two DiT students with identical random weights: backend "triton" and "reference"."""
+    # 14/2 → S = 49 tokens, head dim 144/2 = 72 (as DiT-XL), FreeFlow's δ and γ inputs
+    cfg = dict(input_size=14, patch_size=2, in_channels=4, hidden_size=144, depth=2, num_heads=2,
+               num_classes=10, learn_sigma=False, take_dt=True, take_gw=True, **config)
+    torch.manual_seed(seed)
+    ref = DiT(backend="reference", **cfg)
+    with torch.no_grad():  # adaLN-Zero would silence most paths: random weights carry signal everywhere
+        for m in ref.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5)
+                m.bias.normal_(0, 0.1)
+    tri = DiT(backend="triton", **cfg)
+    tri.load_state_dict(ref.state_dict())
+    return tri, ref
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 14, 14, generator=g)
+    t, dt, gw = torch.ones(2), torch.rand(2, generator=g), 1 + 3 * torch.rand(2, generator=g)
+    return x, t, torch.tensor([3, 10]), dt, gw  # 10 = the null class
+
+
+def compare_grads(tri, ref):
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    scale = max(g.abs().max().item() for g in grads.values())
+    for n, p in tri.named_parameters():
+        if n in grads:
+            # k_norm-like shift invariances make some exact gradients ~0: measure against the largest
+            err = rel_err(p.grad, grads[n], 1e-3 * scale)
+            assert err <= TOL, f"grad {n}: {err:.2e}"
+        else:
+            assert p.grad is None, n
+
+
+@pytest.mark.parametrize("tangent_on", ["dt", "all"])
+def test_forward_jvp_and_backward_match_reference(tangent_on):
+    tri, ref = pair()
+    x, t, y, dt, gw = inputs()
+    g = torch.Generator().manual_seed(2)
+    if tangent_on == "dt":  # FreeFlow's prediction pass: tangent 1 on δ only
+        tangents = dict(tdt=torch.ones_like(dt))
+    else:
+        tangents = dict(tx=torch.randn(x.shape, generator=g), tt=torch.randn(2, generator=g),
+                        tdt=torch.randn(2, generator=g), tgw=torch.randn(2, generator=g))
+    outs = {}
+    for name, model in (("triton", tri), ("reference", ref)):
+        out, tout = model.forward_jvp(x, t, y, dt, gw, **tangents)
+        assert out.requires_grad and not tout.requires_grad
+        # the surrogate of DESIGN §3: gradient through F only, with the tangent as a constant
+        (out * (out + dt[:, None, None, None] * tout).detach()).sum().backward()
+        outs[name] = (out.detach(), tout)
+    for i, what in enumerate(("out", "tangent")):
+        err = rel_err(outs["triton"][i], outs["reference"][i])
+        assert err <= TOL, f"{what}: {err:.2e}"
+    compare_grads(tri, ref)
+
+
+def test_triton_model_under_torch_func_jvp_equals_its_forward_jvp():
+    tri, ref = pair(seed=3, qk_norm=True)  # REPA's qk_norm path
+    x, t, y, dt, gw = inputs(seed=4)
+    out, tout = tri.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
+    f = lambda dt: tri(x, t, y, dt, gw)
+    out_func, tout_func = torch.func.jvp(f, (dt,), (torch.ones_like(dt),))
+    assert rel_err(out_func, out) <= TOL and rel_err(tout_func, tout) <= TOL
+    out_ref, tout_ref = ref.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
+    assert rel_err(out, out_ref) <= TOL and rel_err(tout, tout_ref) <= TOL
