@@ -337,7 +337,10 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
 
     result = {"steps": step}
     if procs.main:
+        from .models import save_checkpoint
         from .viz import plot_losses
+
+        save_checkpoint(ema.net, os.path.join(cfg.out, "student_ema.pt"))  # for python -m freeflow.sample
 
         plot_losses(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "losses.png"))
         if cfg.preset == "mnist":
