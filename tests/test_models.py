@@ -1,8 +1,16 @@
-"""DiT forward_jvp against torch.func.jvp of forward; gradients through its primal; the student at init."""
+"""DiT forward_jvp against torch.func.jvp of forward; gradients through its primal; the student at init.
+
+These run the reference kernels (the Triton backend is compared with them in test_model_triton.py).
+"""
+import functools
+
 import pytest
 import torch
 
-from freeflow.models import DiT, DiTConfig, FlowMapStudent, GuidedVelocityNet, config_from_name
+from freeflow.models import DiT as _DiT
+from freeflow.models import DiTConfig, FlowMapStudent, GuidedVelocityNet, config_from_name
+
+DiT = functools.partial(_DiT, backend="reference")
 
 REL = 1e-5
 
