@@ -61,9 +61,10 @@ def velocity_alignment_loss_reference(F, A, B, *, power=1.0, eps=DEFAULT_EPS, sc
     if isinstance(scale, torch.Tensor):
         scale = scale.detach().to(acc)
     grad = (scale * 2.0 / (n * d)) * w[:, None] * delta
-    # value + <F, grad> - sg(<F, grad>): the value is exact and d/dF is exactly `grad`.
+    # value + (<F, grad> - sg(<F, grad>)): the bracket is exactly 0, so the value is exact, and
+    # d/dF is exactly `grad`. (Without the bracket, value + inner would round to inner's ulp.)
     inner = (F.flatten(1).to(acc) * grad).sum()
-    loss = (value + inner - inner.detach()).to(F.dtype)
+    loss = (value + (inner - inner.detach())).to(F.dtype)
     return (loss, per_sample) if return_per_sample else loss
 
 
