@@ -417,6 +417,7 @@ class AttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # LSE gets no gradient: no zero-fill launch for it
 
     @staticmethod
     @kernel_rule
@@ -445,6 +446,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         ctx.scale = default_scale(q, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mark_non_differentiable(to, lse)
+        ctx.set_materialize_grads(False)  # Ȯ and LSE get no gradient: no zero-fill launches for them
 
     @staticmethod
     @kernel_rule
@@ -453,6 +455,8 @@ class AttentionJVPFunction(torch.autograd.Function):
 
 
 def _backward(ctx, do):
+    if do is None:
+        return (None,) * 3
     q, k, v, o, lse = saved(ctx)
     grads = attention_backward(do, q, k, v, o, lse, ctx.scale)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3]))

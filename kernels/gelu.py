@@ -223,7 +223,8 @@ class BiasGELUFunction(torch.autograd.Function):
     @kernel_rule
     def jvp(ctx, th, tbias):
         h, bias = saved(ctx)
-        return bias_gelu_forward(h, bias, th, tbias if bias is not None else None, store_y=False)[1]
+        ty = bias_gelu_forward(h, bias, th, tbias if bias is not None else None, store_y=False)[1]
+        return torch.zeros_like(h) if ty is None else ty
 
 
 class BiasGELUJVPFunction(torch.autograd.Function):
@@ -237,6 +238,7 @@ class BiasGELUJVPFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # ẏ gets no gradient: no zero-fill launch for it
 
     @staticmethod
     @kernel_rule
@@ -245,6 +247,8 @@ class BiasGELUJVPFunction(torch.autograd.Function):
 
 
 def _backward(ctx, dy):
+    if dy is None:
+        return None, None
     h, bias = saved(ctx)
     dh, d_bias = bias_gelu_backward(dy, h, bias)
     return dh if ctx.needs_input_grad[0] else None, d_bias if ctx.needs_input_grad[1] else None

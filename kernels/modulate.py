@@ -362,6 +362,7 @@ def _save_for_backward(ctx, inputs, output):
     # The backward normalises x' (an output when the residual is fused) with the saved statistics.
     xn = out["x_out"] if ctx.residual else x
     ctx.save_for_backward(xn if norm else None, out.get("mean"), out.get("rstd"), scale, gate, h)
+    ctx.set_materialize_grads(False)  # unused outputs (stats, tangents) must not cost zero-fill launches
     if norm:
         ctx.mark_non_differentiable(out["mean"], out["rstd"])
 
@@ -370,8 +371,12 @@ def _backward(ctx, grads):
     """Input gradients (x, gate, h, shift, scale) from the primal outputs' gradients."""
     xn, mean, rstd, scale, gate, h = saved(ctx)
     out = dict(zip(_primal_layout(ctx.residual, ctx.norm), grads))
-    dx, dh, d_gate, d_shift, d_scale = adaln_backward(
-        out.get("y"), out.get("x_out"), xn, mean, rstd, scale, gate, h, norm=ctx.norm)
+    g_y, g_x_out = out.get("y"), out.get("x_out")
+    if g_y is None and g_x_out is None:
+        return (None,) * 5
+    # With y unused only the residual stream carries gradient: run the kernel without its norm part.
+    norm = ctx.norm and g_y is not None
+    dx, dh, d_gate, d_shift, d_scale = adaln_backward(g_y, g_x_out, xn, mean, rstd, scale, gate, h, norm=norm)
     need = ctx.needs_input_grad
     keep = lambda g, i: g if need[i] else None
     return keep(dx, 0), keep(d_gate, 1), keep(dh, 2), keep(d_shift, 3), keep(d_scale, 4)

@@ -139,3 +139,19 @@ def test_validation():
         K.gated_residual_jvp(x, gate, h, None, None, tangents[1], backend=T)
     with pytest.raises(ValueError, match="h must have x's dtype"):
         K.gated_residual(x, gate, h.double(), backend=T)
+
+
+@pytest.mark.parametrize("used", ["x'", "y"])
+def test_backward_when_one_output_is_unused(used):
+    primals, tangents = inputs(2, 49, 72, torch.float32, seed=5)
+    mine, ref = leaves(primals), leaves(primals)
+    pick = lambda out: out[0] if used == "x'" else out[1]
+    out = pick(K.gated_residual_modulate_jvp(*mine, *tangents, backend=T))
+    out_ref = pick(gated_residual_modulate_reference(*ref))
+    grads = torch.autograd.grad(out.square().sum(), mine, allow_unused=True)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), ref, allow_unused=True)
+    for name, a, b in zip(("dx", "dgate", "dh", "dshift", "dscale"), grads, grads_ref):
+        if b is None:
+            assert a is None or not a.any(), name
+        else:
+            check(a, b, torch.float32, name)
