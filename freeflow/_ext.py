@@ -172,11 +172,14 @@ def _register_python_parts() -> None:
         _, per_sample, grad_F = output
         ctx.save_for_backward(grad_F)
         ctx.mark_non_differentiable(per_sample, grad_F)
+        # per_sample and grad_F get no gradient: without this autograd would zero-fill a tensor of
+        # F's size for grad_F's "gradient" in every backward (a full extra write).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_per_sample, _grad_grad_F):
         (grad_F,) = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_loss is not None:
             grad = torch.ops.freeflow.velocity_alignment_backward(grad_loss, grad_F)
         # A and B are constants by definition (stop-gradient), whatever their requires_grad says.
         return grad, None, None, None, None, None
