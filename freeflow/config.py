@@ -52,6 +52,8 @@ class TrainConfig:
     """Guidance weight γ of the sample grid and the evaluation."""
     eval_samples: int = 2000
     """Samples per FD entry in the final evaluation (presets with a feature space: mnist)."""
+    evaluate: bool = True
+    """Run the final evaluation (mnist preset with its bundled teacher)."""
     resume: bool = True
     """Continue from the newest good checkpoint in --out when there is one."""
     smoke: bool = False

@@ -145,8 +145,9 @@ def load_newest_good(cfg: TrainConfig) -> tuple[dict | None, str | None]:
     for path in reversed(list_checkpoints(cfg)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as e:  # truncated or corrupted file: try the previous one
-            print(f"[freeflow] skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        except Exception as e:  # truncated or corrupted: set it aside (pruning must not keep it) and go back one
+            os.replace(path, path + ".corrupt")
+            print(f"[freeflow] set aside unreadable checkpoint {path} ({type(e).__name__}: {e})", file=sys.stderr)
     return None, None
 
 
@@ -343,7 +344,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
         save_checkpoint(ema.net, os.path.join(cfg.out, "student_ema.pt"))  # for python -m freeflow.sample
 
         plot_losses(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "losses.png"))
-        if cfg.preset == "mnist":
+        if cfg.preset == "mnist" and cfg.evaluate:
             from .evaluate import evaluate_mnist
 
             result.update(evaluate_mnist(cfg, adapter, ema, device))
