@@ -37,7 +37,6 @@ def _extensions():
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             sources=cpp + cu,
-            define_macros=[("FREEFLOW_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             **kwargs,
         )

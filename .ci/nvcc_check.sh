@@ -32,7 +32,10 @@ for arch in 80 90; do
     for src in "${sources[@]}"; do
         name="$(basename "$src" .cu)"
         echo "nvcc_check: sm_${arch} ${src#"$root"/}"
+        # The -D/--expt flags are those torch.utils.cpp_extension adds to every nvcc call.
         "$nvcc_bin" -c -std=c++17 -O3 -Werror all-warnings -arch="sm_${arch}" -I"$root/csrc" \
+            -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+            -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
             "$src" -o "$out/${name}.sm_${arch}.o"
     done
 done

@@ -78,7 +78,7 @@ def jit_build(build_directory: str | None = None, verbose: bool = False) -> None
         name="freeflow_C",
         sources=srcs,
         extra_include_paths=[_CSRC],
-        extra_cflags=["-O3", "-fopenmp"] + (["-DFREEFLOW_WITH_CUDA"] if with_cuda else []),
+        extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3"],
         with_cuda=with_cuda,
