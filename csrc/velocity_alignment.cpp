@@ -121,7 +121,8 @@ template <typename scalar_t>
 
 // The extension is built for the baseline ISA (it must load on any x86-64), while torch's own
 // kernels pick AVX2/AVX-512 at run time; to keep up, the two loops are also compiled for AVX2 and
-// selected once per call from what the CPU supports.
+// AVX-512 and selected once per call from what the CPU supports (AVX-512 mostly pays off for the
+// bf16/fp16 conversions: ~1.5x over AVX2 there, on par for fp32, which is memory-bound).
 template <typename scalar_t>
 struct RowOps {
   double (*sum_sq)(const scalar_t*, const scalar_t*, int64_t);
@@ -149,11 +150,26 @@ FREEFLOW_AVX2 void chunk_write_grad_avx2(const scalar_t* a, const scalar_t* b, s
                                          int64_t len, double coef) {
   chunk_write_grad_body(a, b, g, len, coef);
 }
+#define FREEFLOW_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+template <typename scalar_t>
+FREEFLOW_AVX512 double chunk_sum_sq_avx512(const scalar_t* a, const scalar_t* b, int64_t len) {
+  return chunk_sum_sq_body(a, b, len);
+}
+template <typename scalar_t>
+FREEFLOW_AVX512 void chunk_write_grad_avx512(const scalar_t* a, const scalar_t* b, scalar_t* g,
+                                             int64_t len, double coef) {
+  chunk_write_grad_body(a, b, g, len, coef);
+}
 #endif
 
 template <typename scalar_t>
 RowOps<scalar_t> row_ops() {
 #if defined(__GNUC__) && defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return {&chunk_sum_sq_avx512<scalar_t>, &chunk_write_grad_avx512<scalar_t>};
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return {&chunk_sum_sq_avx2<scalar_t>, &chunk_write_grad_avx2<scalar_t>};
   }
