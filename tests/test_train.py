@@ -1,0 +1,142 @@
+"""The trainer: exact resume, SIGKILL during checkpointing, NaN stop, 2-process DDP, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from freeflow.config import parse_args
+from freeflow.models import DiT, DiTConfig, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                    learn_sigma=False)
+    model = DiT(cfg, family="internal")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(model, str(path))
+    return str(path)
+
+
+def _args(teacher, out, steps, **extra):
+    args = ["--teacher-ckpt", teacher, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+            "--ckpt-every", "3", "--sample-every", "1000", "--log-every", "1", "--no-evaluate", "--teacher-steps", "2",
+            "--grid-size", "2", "--backend", "reference", "--lr", "1e-3", "--aux-lr", "1e-3", "--ema-decay", "0.9"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _train(*args, check=True, env=None, launcher=(sys.executable, "-m", "freeflow.train")):
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _metrics(out):
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+
+
+def _losses(rows, steps):
+    return [(rows[s]["pred_loss"], rows[s]["corr_loss"], rows[s]["aux_loss"]) for s in steps]
+
+
+def _student(out):
+    return load_checkpoint(os.path.join(out, "student_ema.pt"), backend="reference").state_dict()
+
+
+def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    _train(*_args(teacher_path, full, 6))
+    _train(*_args(teacher_path, split, 3))
+    _train(*_args(teacher_path, split, 6))
+    a, b = _metrics(full), _metrics(split)
+    assert sorted(b) == list(range(1, 7))
+    assert _losses(a, range(1, 7)) == _losses(b, range(1, 7))  # bit-exact on the CPU
+    sa, sb = _student(full), _student(split)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    cfg = json.load(open(full / "config.json"))
+    assert cfg["train"]["steps"] == 6 and cfg["distill"]["pred_fraction"] == 0.75
+
+
+def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _train(*_args(teacher_path, ref, 30, ckpt_every=1))
+    proc = subprocess.Popen([sys.executable, "-m", "freeflow.train", *_args(teacher_path, killed, 30, ckpt_every=1)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len([p for p in os.listdir(ckpts)] if ckpts.exists() else []) < 2:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # with a checkpoint every step, most kills land inside a save
+    proc.wait()
+    # what a kill inside torch.save leaves, plus a truncated checkpoint file (e.g. a full disk):
+    (ckpts / "step_0000099.pt.tmp.123").write_bytes(b"partial")
+    (ckpts / "step_9999999.pt").write_bytes(b"\x80\x02truncated")
+    _train(*_args(teacher_path, killed, 30, ckpt_every=1))
+    assert _losses(_metrics(ref), range(1, 31)) == _losses(_metrics(killed), range(1, 31))
+    assert (ckpts / "step_9999999.pt.corrupt").exists()
+    assert not [p for p in os.listdir(ckpts) if ".tmp." in p]
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(teacher_path, tmp_path):
+    out = tmp_path / "nan"
+    _train(*_args(teacher_path, out, 3))
+    bad = tmp_path / "bad_teacher.pt"
+    model = load_checkpoint(teacher_path)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    save_checkpoint(model, str(bad))
+    proc = _train(*_args(str(bad), out, 6), check=False)
+    assert proc.returncode == 3
+    assert "non-finite" in proc.stderr and "at step 4" in proc.stderr and "step_0000003.pt" in proc.stderr
+    good = torch.load(out / "checkpoints" / "step_0000003.pt", weights_only=True)
+    assert good["step"] == 3
+    assert not (out / "checkpoints" / "step_0000006.pt").exists()
+
+
+def test_two_process_ddp_equals_one_process(teacher_path, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(*_args(teacher_path, one, 3))
+    _train(*_args(teacher_path, two, 3),
+           launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                     "-m", "freeflow.train"), env={"OMP_NUM_THREADS": "1"})
+    sa, sb = _student(one), _student(two)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
+    a, b = _metrics(one), _metrics(two)
+    for s in range(1, 4):
+        for key in ("pred_loss", "corr_loss", "aux_loss", "lambda"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-5), (s, key)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--preset", "imagenet"], "--preset must be one of"),
+    (["--preset", "repa-xl2-256"], "needs --teacher-ckpt"),
+    (["--aux", "half"], "--aux must be one of"),
+    (["--pred-fraction", "1.5"], "pred_fraction"),
+    (["--ema-decay", "1.0"], "--ema-decay must be in"),
+])
+def test_invalid_values_fail_before_any_work(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+
+
+def test_unknown_flag_fails():
+    with pytest.raises(SystemExit):
+        parse_args(["--learning-rate", "1"])
