@@ -17,6 +17,15 @@ from freeflow.kernels import patch_dit
 # The published architecture (timm's Attention / Mlp / PatchEmbed, DiT's embedders, block, final layer)
 # ----------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def fp32_default_dtype():
+    """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, attn_drop=0.0, proj_drop=0.0):
