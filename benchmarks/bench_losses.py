@@ -10,8 +10,8 @@ from fresh leaves:
 - ``fallback``: ``velocity_alignment_loss_reference``, the pure-PyTorch fallback of the extension.
 
 Peak memory is what the step allocates on top of its inputs (the CPU profiler's allocation events,
-summed in time order), the gradient of F included. Shapes are the latents of ImageNet 256 and 512
-(4×32×32 and 4×64×64)::
+summed in time order; the CUDA allocator's peak on GPU), the gradient of F included. Shapes are the
+latents of ImageNet 256 and 512 (4×32×32 and 4×64×64); CUDA cases are added when a GPU is present::
 
     pytest benchmarks/bench_losses.py --benchmark-only -s
 """
@@ -41,8 +41,19 @@ IMPLS = {
 }
 
 
-def peak_bytes(fn):
-    """Peak of the bytes allocated (minus freed) while ``fn`` runs, from the profiler's events."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def peak_bytes(fn, device):
+    """Peak of the bytes allocated (minus freed) while ``fn`` runs: the CUDA allocator's statistics,
+    or on CPU the profiler's allocation events summed in time order."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -59,13 +70,13 @@ def summary():
     if not RESULTS:
         return
     # Ratios use the minimum: on a shared 2-core machine the median mostly measures the neighbours.
-    print(f"\nvelocity_alignment_loss fwd+bwd on CPU, {torch.get_num_threads()} thread(s): "
+    print(f"\nvelocity_alignment_loss fwd+bwd ({torch.get_num_threads()} CPU thread(s)): "
           "min / median time, peak memory; ratios = eager or fallback over extension (min time)")
-    for (dtype, n, shape), by_impl in sorted(RESULTS.items(), key=str):
+    for (device, dtype, n, shape), by_impl in sorted(RESULTS.items(), key=str):
         if "extension" not in by_impl:
             continue
         ext_min, _, ext_mem = by_impl["extension"]
-        row = [f"{dtype:>8} N={n:<3} d={'x'.join(map(str, shape)):<7}"]
+        row = [f"{device:>4} {dtype:>8} N={n:<3} d={'x'.join(map(str, shape)):<7}"]
         for name in IMPLS:
             if name in by_impl:
                 t_min, t_med, mem = by_impl[name]
@@ -76,31 +87,35 @@ def summary():
         print(" | ".join(row))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n,shape", CASES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_velocity_alignment_fwd_bwd(benchmark, impl, n, shape, dtype):
+def test_velocity_alignment_fwd_bwd(benchmark, impl, n, shape, dtype, device):
     if impl == "extension":
         assert _ext.load(), f"freeflow._C unavailable: {_ext.STATE.reason}"
+        assert _ext.supports(torch.device(device)), f"freeflow._C has no {device} kernel"
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
-    F = torch.randn(n, *shape, generator=g).to(dt).requires_grad_()
-    A = torch.randn(n, *shape, generator=g).to(dt)
-    B = torch.randn(n, *shape, generator=g).to(dt)
+    F = torch.randn(n, *shape, generator=g).to(device, dt).requires_grad_()
+    A = torch.randn(n, *shape, generator=g).to(device, dt)
+    B = torch.randn(n, *shape, generator=g).to(device, dt)
     fn = IMPLS[impl]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         F.grad = None
         fn(F, A, B).backward()
+        sync()
 
     step()
     expected = F.grad.double().clone()
     F.grad = None  # so that freeing the previous gradient does not offset the measured peak
-    mem = peak_bytes(lambda: fn(F, A, B).backward())
-    benchmark.group = f"velocity_alignment {dtype} N={n} d={'x'.join(map(str, shape))}"
+    mem = peak_bytes(lambda: fn(F, A, B).backward(), device)
+    benchmark.group = f"velocity_alignment {device} {dtype} N={n} d={'x'.join(map(str, shape))}"
     benchmark.extra_info.update(peak_mem_MiB=mem / 2**20, threads=torch.get_num_threads())
     benchmark(step)
     # every implementation computed the same gradient (the tests check it against the formula)
     torch.testing.assert_close(F.grad.double(), expected)
     stats = benchmark.stats.stats
-    RESULTS.setdefault((dtype, n, shape), {})[impl] = (stats.min, stats.median, mem)
+    RESULTS.setdefault((device, dtype, n, shape), {})[impl] = (stats.min, stats.median, mem)
