@@ -1,0 +1,252 @@
+"""One FreeFlow distillation step: configuration, the per-step losses, and one-step sampling.
+
+Data flow of :meth:`Distiller.losses` (DESIGN §3), for a batch of ``N`` drawn only from the prior:
+
+    prediction rows (N·pred_fraction)           correction rows (the rest)
+    z, y, γ, δ ~ p_δ                            z', y', γ', r ~ LogitNormal, n
+    F, Ḟ = dual forward of F_θ(z, δ)            F₁ = F_θ(z', 1),  x₁ = z' - F₁
+    x̂ = sg(z - δF),  G = sg(F + δḞ)             x_r = (1 - r)·sg(x₁) + r·n
+              └──────── one teacher forward: u_γ(x̂, 1 - δ) and u_γ(x_r, r) ────────┘
+    Δ = G - u                                   g = g_ψ(x_r, r, y', γ')  (with grad, for the aux)
+                                                Δ_c = sg(g) - u,  λ = α·E‖Δ‖/(E‖Δ_c‖ + ε_λ)
+    student loss = pred(F; G, u, k, ε) + corr(F₁; g, u, λ)        aux loss = ‖g - (n - sg(x₁))‖²/d
+
+The student and aux losses are independent graphs; the caller owns optimizers, gradient
+all-reduce, clipping and EMA (:meth:`Distiller.train_step` is the single-process version).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import objectives as obj
+from .teacher import as_teacher
+
+
+@dataclass
+class DistillConfig:
+    """Hyperparameters of one distillation step. Defaults follow DESIGN §3; see docs/distill.md."""
+
+    pred_fraction: float = 0.75
+    """Share of each batch used by the prediction objective; the rest is correction. 1.0 = no correction."""
+    power: float = 1.0
+    """k of the adaptive weight ``w = (‖Δ‖²/d + eps)^-k`` (paper ablation: k = 1 best)."""
+    eps: float = 1e-3
+    """ε of the adaptive weight; bounds ``w`` by ``eps^-k`` once the student is close."""
+    delta_dist: str = "uniform"
+    """Base law of δ: "uniform" on [0, 1] or "logit_normal" (delta_logit_mean, delta_logit_std)."""
+    delta_logit_mean: float = 0.0
+    delta_logit_std: float = 1.0
+    delta_one_prob: float = 0.0
+    """Probability of replacing δ by exactly 1 (mixture with the one-step jump)."""
+    gw_min: float = 1.0
+    """γ ~ U[gw_min, gw_max] per sample, fed to the student and the teacher's guidance."""
+    gw_max: float = 3.0
+    pred_guidance_interval: tuple = (0.0, 1.0)
+    """Teacher times t where the prediction target is guided; conditional velocity elsewhere."""
+    corr_guidance_interval: tuple = (0.0, 0.7)
+    """Same for the correction's teacher velocity (paper ablation: [0, 0.7] best)."""
+    r_logit_mean: float = 0.8
+    """r = sigmoid(mean + std·ε) of the correction; mean > 0 biases it to high noise."""
+    r_logit_std: float = 1.0
+    alpha: float = 1.0
+    """α of the balance λ = α·E‖Δ‖/(E‖Δ_c‖ + balance_eps)."""
+    balance_eps: float = 1e-6
+    tangent: str = "jvp"
+    """How ∂F/∂δ is computed: "jvp" (forward mode) or "finite_difference"."""
+    fd_step: float = 1e-3
+    """Step of the finite difference (raise it for bf16 students)."""
+
+    def __post_init__(self):
+        self.pred_guidance_interval = tuple(self.pred_guidance_interval)
+        self.corr_guidance_interval = tuple(self.corr_guidance_interval)
+        _check(0.0 < self.pred_fraction <= 1.0, "pred_fraction", "a float in (0, 1]", self.pred_fraction)
+        _check(self.power >= 0.0, "power", "k >= 0", self.power)
+        _check(self.eps > 0.0, "eps", "a positive float", self.eps)
+        _check(self.delta_dist in obj.DELTA_DISTRIBUTIONS, "delta_dist",
+               f"one of {obj.DELTA_DISTRIBUTIONS}", self.delta_dist)
+        _check(self.delta_logit_std > 0.0, "delta_logit_std", "a positive float", self.delta_logit_std)
+        _check(0.0 <= self.delta_one_prob <= 1.0, "delta_one_prob", "a probability in [0, 1]",
+               self.delta_one_prob)
+        _check(self.gw_min <= self.gw_max, "gw_min/gw_max", "gw_min <= gw_max",
+               (self.gw_min, self.gw_max))
+        for name in ("pred_guidance_interval", "corr_guidance_interval"):
+            lo_hi = getattr(self, name)
+            _check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, name,
+                   "(lo, hi) with 0 <= lo <= hi <= 1", lo_hi)
+        _check(self.r_logit_std > 0.0, "r_logit_std", "a positive float", self.r_logit_std)
+        _check(self.alpha >= 0.0, "alpha", "alpha >= 0", self.alpha)
+        _check(self.balance_eps > 0.0, "balance_eps", "a positive float", self.balance_eps)
+        _check(self.tangent in obj.TANGENT_METHODS, "tangent", f"one of {obj.TANGENT_METHODS}",
+               self.tangent)
+        _check(0.0 < self.fd_step < 0.5, "fd_step", "a float in (0, 0.5)", self.fd_step)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f.name, "a finite float", value)
+
+
+def _check(ok, field, expected, got):
+    if not ok:
+        raise ValueError(f"DistillConfig.{field} must be {expected}, got {got!r}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def flow_map(student, z, delta, y, gw):
+    """``f_θ(z, δ) = z - δ·F_θ(z, δ)``: the teacher's ODE state at ``t = 1 - δ`` starting from ``z``."""
+    return z - obj._rows(delta, z) * student(z, delta, y, gw)
+
+
+@torch.no_grad()
+def sample(student, z, y, gw, steps=1):
+    """One-step sample ``x = z - F_θ(z, 1)`` from prior noise ``z``.
+
+    The student's time input is fixed at the noise end: ``F_θ(·, δ)`` maps only from ``t = 1``, so
+    there is no flow-map jump starting at an intermediate time to compose, and re-applying the map
+    to a partially denoised state would treat it as prior noise. Hence ``steps`` must be 1; for
+    points along the path use :func:`flow_map` with several δ from the same ``z``, and for more
+    quality per sample hand the student's best noise to the teacher (noise search, DESIGN §3).
+    """
+    if steps != 1:
+        raise ValueError(f"steps must be 1 (the student maps only from t = 1; see "
+                         f"freeflow.distill.sample's docstring), got {steps!r}")
+    ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
+    return flow_map(student, z, ones, y, gw)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class Distiller:
+    """Builds the FreeFlow losses for a student, a teacher and the auxiliary network ``g_ψ``.
+
+    ``student(z, delta, y, gw) -> F`` (optionally ``forward_jvp(..., tdelta=)``); ``teacher`` a
+    :class:`~freeflow.distill.TeacherAdapter` or anything it wraps; ``aux(x, t, y, gw) -> velocity``
+    (may be None when ``config.pred_fraction == 1``); ``sample_shape`` the shape of one sample
+    (e.g. ``(4, 32, 32)``); ``num_classes`` also the null class id.
+    """
+
+    def __init__(self, student, teacher, aux, config=None, *, sample_shape, num_classes):
+        self.config = config if config is not None else DistillConfig()
+        if not isinstance(self.config, DistillConfig):
+            raise ValueError(f"config must be a DistillConfig, got {type(self.config).__name__}")
+        if aux is None and self.config.pred_fraction < 1.0:
+            raise ValueError("aux is None but DistillConfig.pred_fraction < 1 needs the auxiliary "
+                             "network g_ψ for the correction objective")
+        self.student = student
+        self.teacher = as_teacher(teacher, num_classes)
+        self.aux = aux
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes = num_classes
+        param = next(student.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if param.is_floating_point() else torch.float32
+
+    # -- random draws (all from `generator`, in a fixed order, so runs replay exactly)
+
+    def split(self, batch_size):
+        """``(n_pred, n_corr)``: the prediction / correction split of one batch."""
+        n_pred = round(batch_size * self.config.pred_fraction)
+        n_corr = batch_size - n_pred
+        if n_pred < 1 or (self.config.pred_fraction < 1.0 and n_corr < 1):
+            raise ValueError(f"batch_size={batch_size} is too small for pred_fraction="
+                             f"{self.config.pred_fraction}: both parts need at least one sample")
+        return n_pred, n_corr
+
+    def _draw_common(self, n, generator):
+        kw = dict(generator=generator, device=self.device)
+        z = torch.randn(n, *self.sample_shape, dtype=self.dtype, **kw)
+        y = torch.randint(0, self.num_classes, (n,), **kw)
+        c = self.config
+        gw = c.gw_min + (c.gw_max - c.gw_min) * torch.rand(n, **kw)
+        return z, y, gw.to(self.dtype)
+
+    def _draw_prediction(self, n, generator):
+        z, y, gw = self._draw_common(n, generator)
+        c = self.config
+        delta = obj.sample_delta(n, dist=c.delta_dist, logit_mean=c.delta_logit_mean,
+                                 logit_std=c.delta_logit_std, one_prob=c.delta_one_prob,
+                                 generator=generator, device=self.device)
+        return z, y, gw, delta.to(self.dtype)
+
+    def _draw_correction(self, n, generator):
+        z, y, gw = self._draw_common(n, generator)
+        c = self.config
+        r = obj.sample_logit_normal(n, c.r_logit_mean, c.r_logit_std, generator=generator,
+                                    device=self.device).to(self.dtype)
+        noise = torch.randn(n, *self.sample_shape, dtype=self.dtype, generator=generator,
+                            device=self.device)
+        return z, y, gw, r, noise
+
+    # -- the step
+
+    def _teacher_targets(self, x_hat, delta, y, gw, x_r, r, y_c, gw_c):
+        """Prediction and correction teacher velocities from one guided forward."""
+        n_pred = x_hat.shape[0]
+        (p_lo, p_hi), (c_lo, c_hi) = self.config.pred_guidance_interval, self.config.corr_guidance_interval
+        lo = torch.cat([torch.full_like(delta, p_lo), torch.full_like(r, c_lo)])
+        hi = torch.cat([torch.full_like(delta, p_hi), torch.full_like(r, c_hi)])
+        u = self.teacher.guided_velocity(torch.cat([x_hat, x_r]), torch.cat([1.0 - delta, r]),
+                                         torch.cat([y, y_c]), torch.cat([gw, gw_c]), lo, hi)
+        return u[:n_pred], u[n_pred:]
+
+    def losses(self, batch_size, generator=None):
+        """The student loss, the aux loss and float metrics of one step (see the module docstring).
+
+        Returns a dict with ``"student"`` and ``"aux"`` (scalar tensors; ``"aux"`` is None when
+        correction is off) and floats ``pred_loss``, ``pred_msq`` (mean ‖Δ‖²/d), ``corr_loss``,
+        ``corr_msq`` (mean ‖Δ_c‖²/d), ``lambda``, ``aux_loss``, ``n_pred``, ``n_corr``.
+        """
+        c = self.config
+        n_pred, n_corr = self.split(batch_size)
+        z, y, gw, delta = self._draw_prediction(n_pred, generator)
+        F, F_dot = obj.student_and_tangent(self.student, z, delta, y, gw, method=c.tangent,
+                                           fd_step=c.fd_step)
+        x_hat, G = obj.prediction_targets(F, F_dot, z, delta)
+        if n_corr == 0:
+            u = self.teacher.guided_velocity(x_hat, 1.0 - delta, y, gw, *c.pred_guidance_interval)
+            pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
+            return {"student": pred_loss, "aux": None, **_metrics(pred_loss, pred_msq, n_pred)}
+
+        zc, yc, gwc, r, noise = self._draw_correction(n_corr, generator)
+        ones = torch.ones_like(r)
+        F1 = self.student(zc, ones, yc, gwc)
+        x1 = zc - F1
+        x_r = obj.noised(x1, noise, r)
+        u, u_c = self._teacher_targets(x_hat, delta, y, gw, x_r, r, yc, gwc)
+        g = self.aux(x_r, r, yc, gwc)
+
+        pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
+        lam = obj.balance_weight(G - u, g.detach() - u_c, alpha=c.alpha, eps=c.balance_eps)
+        corr_loss, corr_msq = obj.correction_loss(F1, g.detach(), u_c, scale=lam)
+        aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
+        metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr)
+        return {"student": pred_loss + corr_loss, "aux": aux_loss, **metrics}
+
+    def train_step(self, student_opt, aux_opt, batch_size, generator=None):
+        """Single-process step: one student and one aux optimizer step. Returns the float metrics."""
+        student_opt.zero_grad(set_to_none=True)
+        if aux_opt is not None:
+            aux_opt.zero_grad(set_to_none=True)
+        out = self.losses(batch_size, generator)
+        out["student"].backward()
+        student_opt.step()
+        if out["aux"] is not None:
+            out["aux"].backward()
+            aux_opt.step()
+        return {k: v for k, v in out.items() if k not in ("student", "aux")}
+
+    def sample(self, z, y, gw, steps=1):
+        """One-step samples of the student; see :func:`freeflow.distill.sample`."""
+        return sample(self.student, z, y, gw, steps=steps)
+
+
+def _metrics(pred_loss, pred_msq, n_pred, corr_loss=None, corr_msq=None, lam=0.0, aux_loss=None,
+             n_corr=0):
+    def f(t):
+        return float(t.detach()) if t is not None else 0.0
+    return {"pred_loss": f(pred_loss), "pred_msq": f(pred_msq.mean()), "corr_loss": f(corr_loss),
+            "corr_msq": f(corr_msq.mean() if corr_msq is not None else None), "lambda": float(lam),
+            "aux_loss": f(aux_loss), "n_pred": n_pred, "n_corr": n_corr}
