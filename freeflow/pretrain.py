@@ -332,6 +332,7 @@ def render_readme(out: Path) -> str:
         lines += ["## `mnist_feature_stats.npz` — reference statistics", "",
                   f"`mu` ({s['dim']},) and `sigma` ({s['dim']}, {s['dim']}), float64, of the features of all "
                   f"{s['n']} digits (Σ unbiased). Loaded by `freeflow.metrics.load_reference_stats()`.",
+                  "",
                   f"- command: `{s['command']}`", f"- size {_size(out / metrics.STATS_FILE)}", ""]
     t = rec.get("teacher")
     if t:
@@ -398,7 +399,8 @@ def parse_args(argv=None):
     g.add_argument("--heads", type=int, default=TEACHER_ARCH["num_heads"])
     g.add_argument("--patch", type=int, default=TEACHER_ARCH["patch_size"])
     g = p.add_argument_group("feature network")
-    g.add_argument("--feature-epochs", type=int, default=10)
+    g.add_argument("--feature-epochs", type=int, default=15)
+    g.add_argument("--feature-lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-samples", type=int, default=2000)
     g.add_argument("--sweep-samples", type=int, default=500)
@@ -414,18 +416,18 @@ def _command(args, what):
     return (f"python -m freeflow.pretrain --what {what} --seed {args.seed} --threads {args.threads}"
             + (f" --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --hidden {args.hidden} "
                f"--depth {args.depth} --heads {args.heads} --patch {args.patch}" if what == "teacher" else "")
-            + (f" --feature-epochs {args.feature_epochs}" if what == "features" else "")
+            + (f" --feature-epochs {args.feature_epochs} --feature-lr {args.feature_lr}" if what == "features" else "")
             + (f" --eval-samples {args.eval_samples} --gammas {args.gammas} --sweep-samples {args.sweep_samples} "
                f"--sweep-steps {args.sweep_steps}" if what == "eval" else ""))
 
 
 def build_features(args, out, images, labels):
-    res = train_feature_net(images, labels, epochs=args.feature_epochs, seed=args.seed)
+    res = train_feature_net(images, labels, epochs=args.feature_epochs, lr=args.feature_lr, seed=args.seed)
     metrics.save_feature_net(res.net, out / metrics.FEATURE_NET_FILE)
     print(f"[features] held-out accuracy {100 * res.heldout_accuracy:.2f} % ({res.seconds:.0f} s)")
     _write_log(out, "features", dict(command=_command(args, "features"), net_config=res.net.config,
                                      heldout_accuracy=res.heldout_accuracy, train_accuracy=res.train_accuracy,
-                                     seconds=res.seconds, epochs=args.feature_epochs, lr=1e-3, batch_size=128,
+                                     seconds=res.seconds, epochs=args.feature_epochs, lr=args.feature_lr, batch_size=128,
                                      holdout=500, train=len(images) - 500, max_shift=2))
 
 

@@ -74,7 +74,7 @@ def _times(t, z):
 def euler(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
     """Explicit Euler from t = 1 to t = 0 on ``time_grid(steps, shift)``; NFE = ``steps``."""
     _check_field(v, z)
-    grid = time_grid(steps, shift=shift).tolist()
+    grid = time_grid(steps, shift=shift, dtype=torch.float64).tolist()
     x = z
     for t, t_next in zip(grid[:-1], grid[1:]):
         x = x + (t_next - t) * v(x, _times(t, x))
@@ -92,7 +92,7 @@ def heun(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
     step's O(h²) local error (still O(h²) globally).
     """
     _check_field(v, z)
-    grid = time_grid(steps, shift=shift).tolist()
+    grid = time_grid(steps, shift=shift, dtype=torch.float64).tolist()
     x = z
     for t, t_next in zip(grid[:-1], grid[1:]):
         h = t_next - t
