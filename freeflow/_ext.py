@@ -132,7 +132,7 @@ def load(*, allow_jit: bool = True, prebuilt=_import_prebuilt, jit=jit_build) ->
                 return False
     _register_python_parts()
     STATE.loaded, STATE.final, STATE.reason = True, True, ""
-    STATE.cuda = torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA")
+    STATE.cuda = _has_kernel("CUDA")
     return True
 
 
@@ -141,11 +141,15 @@ def supports(device: torch.device) -> bool:
     return STATE.loaded and (device.type == "cpu" or (device.type == "cuda" and STATE.cuda))
 
 
-def _op_defined() -> bool:
+def _has_kernel(dispatch_key: str) -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
+        return torch._C._dispatch_has_kernel_for_dispatch_key(OP, dispatch_key)
     except RuntimeError:  # "operator ... does not exist"
         return False
+
+
+def _op_defined() -> bool:
+    return _has_kernel("CPU")
 
 
 _registered = False

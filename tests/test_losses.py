@@ -269,6 +269,7 @@ def fresh_loader(monkeypatch):
     """A loader that has tried nothing yet and finds no library loaded."""
     monkeypatch.setattr(_ext, "STATE", _ext._State())
     monkeypatch.setattr(_ext, "_op_defined", lambda: False)
+    monkeypatch.setattr(_ext, "_register_python_parts", lambda: None)  # the fakes load no library
     monkeypatch.delenv("FREEFLOW_NO_EXT", raising=False)
 
 
