@@ -94,7 +94,7 @@ def _import_prebuilt() -> None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    return text.splitlines()[0][:160]
 
 
 def load(*, allow_jit: bool = True, prebuilt=_import_prebuilt, jit=jit_build) -> bool:
@@ -127,8 +127,9 @@ def load(*, allow_jit: bool = True, prebuilt=_import_prebuilt, jit=jit_build) ->
             except Exception as jit_exc:  # no compiler, build error, ...: fall back, loudly once
                 STATE.reason += f" and its JIT build failed: {_first_line(jit_exc)}"
                 warnings.warn(f"freeflow: C++ extension unavailable: {STATE.reason}; "
-                              "velocity_alignment_loss uses the pure-PyTorch reference",
-                              RuntimeWarning, stacklevel=3)
+                              "velocity_alignment_loss uses the pure-PyTorch reference (full "
+                              "build log: python -c 'from freeflow import _ext; "
+                              "_ext.jit_build(verbose=True)')", RuntimeWarning, stacklevel=3)
                 return False
     _register_python_parts()
     STATE.loaded, STATE.final, STATE.reason = True, True, ""
