@@ -8,11 +8,9 @@ device-independent (the Triton path runs in the interpreter on CPU, ``TRITON_INT
 
     TRITON_INTERPRET=1 pytest benchmarks/bench_block.py --benchmark-only -s
 """
-import os
-
 import pytest
 import torch
-from launches import count_launches, saved_activation_bytes
+from launches import count_launches, device_and_backends, saved_activation_bytes
 
 import freeflow.kernels as K
 from freeflow.models import DiT
@@ -61,16 +59,11 @@ def _step(block, primals, tangents, grads, backend):
     return forward, run
 
 
-def _backends():
-    runnable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    return ["reference"] + (["triton"] if runnable else [])
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_block_forward_jvp_backward(benchmark, backend):
-    if backend not in _backends():
+    device, backends = device_and_backends()
+    if backend not in backends:
         pytest.skip("the Triton path needs CUDA or TRITON_INTERPRET=1 (set before triton is imported)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     block, primals, tangents, grads = _setup(device)
     forward, run = _step(block, primals, tangents, grads, backend)
     run()  # warm-up: compiles (GPU) / autotunes, so the counts below are one steady-state step

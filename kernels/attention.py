@@ -90,9 +90,6 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
-_LOG2E = 1.4426950408889634
-
-
 def _configs(pairs):
     """Autotune configs for A100/H100; the interpreter runs the first only (no GPU to time on)."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in pairs]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_backend, use_triton
+from ._dispatch import use_triton
 from ._launch import kernel_rule, last_dim_contiguous, reduction_chunks, row_tiles, saved, tl, triton
 from ._validate import check_modulation, check_tangents
 from .layer_norm import normalize, normalize_tangent

@@ -17,6 +17,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # (B, H, S, Dh): S = 1, 49, 100, 257 (masked tails across several key blocks), DiT head dims 64 and 72
 CASES = [(1, 2, 1, 64), (2, 1, 49, 72), (1, 2, 100, 72), (2, 1, 257, 64)]
 
+
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
     """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
@@ -24,7 +25,6 @@ def fp32_default_dtype():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
-
 
 
 def rel_err(a, b):

@@ -19,6 +19,7 @@ T = "triton"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SHAPES = [(2, 1, 64), (2, 49, 72), (2, 257, 40)]
 
+
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
     """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
@@ -26,7 +27,6 @@ def fp32_default_dtype():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
-
 
 
 def rel_err(a, b):

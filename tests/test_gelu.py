@@ -15,6 +15,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # (leading dims, C): DiT's MLP hidden is 4·hidden; odd widths and tokens exercise the masks
 SHAPES = [((2, 1), 256), ((2, 49), 288), ((2, 257), 40)]
 
+
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
     """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
@@ -22,7 +23,6 @@ def fp32_default_dtype():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
-
 
 
 def rel_err(a, b):

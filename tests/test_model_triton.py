@@ -11,6 +11,7 @@ from freeflow.models import DiT
 
 TOL = 1e-4  # fp32; attention's accumulation order dominates
 
+
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
     """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
@@ -18,7 +19,6 @@ def fp32_default_dtype():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
-
 
 
 def rel_err(a, b, floor=0.0):

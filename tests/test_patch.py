@@ -13,9 +13,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit
 
-# ----------------------------------------------------------------------------------------------
-# The published architecture (timm's Attention / Mlp / PatchEmbed, DiT's embedders, block, final layer)
-# ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
@@ -25,6 +22,10 @@ def fp32_default_dtype():
     yield
     torch.set_default_dtype(old)
 
+
+# ----------------------------------------------------------------------------------------------
+# The published architecture (timm's Attention / Mlp / PatchEmbed, DiT's embedders, block, final layer)
+# ----------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
