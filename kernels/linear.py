@@ -28,8 +28,9 @@ class _DualLinear(torch.autograd.Function):
         rows = torch.cat([x.reshape(-1, k), tx.reshape(-1, k).to(x.dtype)], dim=0)
         out = rows @ weight.t()
         y, ty = out.chunk(2, dim=0)
-        if bias is not None:
-            y = y + bias
+        # The primal is what later ops save for backward: give it its own storage so that keeping it
+        # does not keep the tangent half of `out` alive too.
+        y = y + bias if bias is not None else y.clone()
         lead = x.shape[:-1]
         return y.reshape(*lead, -1), ty.reshape(*lead, -1)
 
@@ -39,10 +40,13 @@ class _DualLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # the tangent output never receives a gradient
 
     @staticmethod
     def backward(ctx, gy, _gty):
         x, weight = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:

@@ -4,8 +4,16 @@ import torch
 
 import freeflow.kernels as K
 
-torch.set_default_dtype(torch.float64)
 R = "reference"
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """fp64 for exact comparisons and gradcheck, restored afterwards (the default dtype is process-global)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _rand(*shape, seed=0):
