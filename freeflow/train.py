@@ -295,13 +295,16 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         aux_opt.zero_grad(set_to_none=True)
-        out = distiller.losses(cfg.batch_size, generator, shard=shard, reduce=reduce)
-        terms = {k: out[k] for k in ("pred_loss", "corr_loss", "aux_loss")}
-        bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        if bad:
+        try:
+            out = distiller.losses(cfg.batch_size, generator, shard=shard, reduce=reduce)
+            terms = {k: out[k] for k in ("pred_loss", "corr_loss", "aux_loss")}
+            bad = [k for k, v in terms.items() if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(f"non-finite {', '.join(bad)} ({terms})")
+        except FloatingPointError as e:
             last = list_checkpoints(cfg)
-            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step + 1} ({terms}); stopped before "
-                                     f"the update. Last good checkpoint: {last[-1] if last else 'none'}")
+            raise FloatingPointError(f"{e} at step {step + 1}; stopped before the update. "
+                                     f"Last good checkpoint: {last[-1] if last else 'none'}") from e
         out["student"].backward()
         if out["aux"] is not None:
             out["aux"].backward()

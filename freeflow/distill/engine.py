@@ -192,25 +192,31 @@ class Distiller:
                                          torch.cat([y, y_c]), torch.cat([gw, gw_c]), lo, hi)
         return u[:n_pred], u[n_pred:]
 
-    def losses(self, batch_size, generator=None):
+    def losses(self, batch_size, generator=None, *, shard=None, reduce=None):
         """The student loss, the aux loss and float metrics of one step (see the module docstring).
 
         Returns a dict with ``"student"`` and ``"aux"`` (scalar tensors; ``"aux"`` is None when
         correction is off) and floats ``pred_loss``, ``pred_msq`` (mean ‖Δ‖²/d), ``corr_loss``,
         ``corr_msq`` (mean ‖Δ_c‖²/d), ``lambda``, ``aux_loss``, ``n_pred``, ``n_corr``.
+
+        Several processes: ``shard=(rank, world)`` and ``reduce`` (an all-reduce sum of a tensor).
+        Every rank draws the whole ``batch_size`` from the same generator and keeps its rows, and λ and
+        the metrics use global sums, so that averaging the gradients over ranks gives exactly the
+        one-process step on the same global batch.
         """
         c = self.config
         n_pred, n_corr = self.split(batch_size)
-        z, y, gw, delta = self._draw_prediction(n_pred, generator)
+        rows = _shard_rows(shard, n_pred, n_corr)
+        z, y, gw, delta = (t[rows[0]] for t in self._draw_prediction(n_pred, generator))
         F, F_dot = obj.student_and_tangent(self.student, z, delta, y, gw, method=c.tangent,
                                            fd_step=c.fd_step)
         x_hat, G = obj.prediction_targets(F, F_dot, z, delta)
         if n_corr == 0:
             u = self.teacher.guided_velocity(x_hat, 1.0 - delta, y, gw, *c.pred_guidance_interval)
             pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
-            return {"student": pred_loss, "aux": None, **_metrics(pred_loss, pred_msq, n_pred)}
+            return {"student": pred_loss, "aux": None, **_metrics(pred_loss, pred_msq, n_pred, reduce=reduce)}
 
-        zc, yc, gwc, r, noise = self._draw_correction(n_corr, generator)
+        zc, yc, gwc, r, noise = (t[rows[1]] for t in self._draw_correction(n_corr, generator))
         ones = torch.ones_like(r)
         F1 = self.student(zc, ones, yc, gwc)
         x1 = zc - F1
@@ -219,10 +225,13 @@ class Distiller:
         g = self.aux(x_r, r, yc, gwc)
 
         pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
-        lam = obj.balance_weight(G - u, g.detach() - u_c, alpha=c.alpha, eps=c.balance_eps)
+        lam = obj.balance_weight(G - u, g.detach() - u_c, alpha=c.alpha, eps=c.balance_eps, reduce=reduce)
+        if not math.isfinite(lam):  # the loss op rejects a non-finite scale; say what went wrong instead
+            raise FloatingPointError(f"non-finite balance weight lambda={lam}: the prediction or correction "
+                                     "velocity difference is not finite")
         corr_loss, corr_msq = obj.correction_loss(F1, g.detach(), u_c, scale=lam)
         aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
-        metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr)
+        metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr, reduce=reduce)
         return {"student": pred_loss + corr_loss, "aux": aux_loss, **metrics}
 
     def train_step(self, student_opt, aux_opt, batch_size, generator=None):
@@ -243,10 +252,33 @@ class Distiller:
         return sample(self.student, z, y, gw, steps=steps)
 
 
+def _shard_rows(shard, n_pred, n_corr):
+    """Row slices of this rank's share of the prediction and correction parts."""
+    if shard is None:
+        return slice(None), slice(None)
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    if n_pred % world or n_corr % world:
+        raise ValueError(f"the prediction/correction split ({n_pred}, {n_corr}) of the global batch must be "
+                         f"divisible by the number of processes {world}")
+    p, q = n_pred // world, n_corr // world
+    return slice(rank * p, (rank + 1) * p), slice(rank * q, (rank + 1) * q)
+
+
+_AVERAGED = ("pred_loss", "pred_msq", "corr_loss", "corr_msq", "aux_loss")
+
+
 def _metrics(pred_loss, pred_msq, n_pred, corr_loss=None, corr_msq=None, lam=0.0, aux_loss=None,
-             n_corr=0):
-    def f(t):
-        return float(t.detach()) if t is not None else 0.0
-    return {"pred_loss": f(pred_loss), "pred_msq": f(pred_msq.mean()), "corr_loss": f(corr_loss),
-            "corr_msq": f(corr_msq.mean() if corr_msq is not None else None), "lambda": float(lam),
-            "aux_loss": f(aux_loss), "n_pred": n_pred, "n_corr": n_corr}
+             n_corr=0, reduce=None):
+    def t(v):
+        return v.detach().float().reshape(()) if v is not None else pred_loss.new_zeros((), dtype=torch.float32)
+
+    values = torch.stack([t(pred_loss), t(pred_msq.mean()), t(corr_loss),
+                          t(corr_msq.mean() if corr_msq is not None else None), t(aux_loss)])
+    if reduce is not None:  # equal shares per rank: the mean of the rank means is the global mean
+        ones = torch.ones((), device=values.device)
+        world = reduce(ones)
+        values = reduce(values) / world
+    out = dict(zip(_AVERAGED, values.tolist()))
+    return {**out, "lambda": float(lam), "n_pred": n_pred, "n_corr": n_corr}

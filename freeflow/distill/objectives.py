@@ -109,11 +109,17 @@ def noised(x1, n, r):
     return (1.0 - r) * x1.detach() + r * n
 
 
-def balance_weight(delta_pred, delta_corr, *, alpha=1.0, eps=1e-8):
-    """``λ = α·E‖Δ‖ / (E‖Δ_c‖ + ε)`` as a float, so the correction gradient is on the prediction's scale."""
-    pred = delta_pred.detach().flatten(1).norm(dim=1).mean()
-    corr = delta_corr.detach().flatten(1).norm(dim=1).mean()
-    return float(alpha * pred / (corr + eps))
+def balance_weight(delta_pred, delta_corr, *, alpha=1.0, eps=1e-8, reduce=None):
+    """``λ = α·E‖Δ‖ / (E‖Δ_c‖ + ε)`` as a float, so the correction gradient is on the prediction's scale.
+
+    ``reduce`` (an all-reduce sum) makes the expectations global when each process holds a share of the batch.
+    """
+    pred = delta_pred.detach().flatten(1).norm(dim=1)
+    corr = delta_corr.detach().flatten(1).norm(dim=1)
+    sums = torch.stack([pred.sum(), corr.sum(), pred.new_tensor(pred.numel()), pred.new_tensor(corr.numel())])
+    if reduce is not None:
+        sums = reduce(sums)
+    return float(alpha * (sums[0] / sums[2]) / (sums[1] / sums[3] + eps))
 
 
 def correction_loss(F1, g, u, *, scale):
