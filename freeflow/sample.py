@@ -91,11 +91,12 @@ class Sampler:
             return self.student.sample(z, y, gw)
         lo, hi = a.guidance_interval
         field = lambda x, t: self.teacher.guided_velocity(x, t, y, gw, lo, hi)  # noqa: E731
+        steps = None if a.solver == "dopri5" else a.steps
         if a.mode == "teacher":
-            return solve(field, z, a.solver, a.steps)
+            return solve(field, z, a.solver, steps)
         delta = torch.full_like(gw, a.delta)
         x = self.student.sample(z, y, gw, delta=delta)
-        return solve(field, x, a.solver, a.steps, t_start=1.0 - a.delta)
+        return solve(field, x, a.solver, steps, t_start=1.0 - a.delta)
 
 
 def decode(x, vae):

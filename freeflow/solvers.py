@@ -39,6 +39,11 @@ def _check_steps(steps):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
 
 
+def _check_t_start(t_start):
+    if not isinstance(t_start, (int, float)) or isinstance(t_start, bool) or not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must be a number in (0, 1], got {t_start!r}")
+
+
 def _check_shift(shift):
     if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
         raise ValueError(f"shift must be a positive number, got {shift!r}")
@@ -48,17 +53,21 @@ def _check_shift(shift):
 #                                        Time grid
 # ---------------------------------------------------------------------------------------------
 
-def time_grid(steps: int, *, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``steps + 1`` times from 1 down to 0 (exactly), uniform in ``s`` and mapped by ``t = shift·s / (1 + (shift - 1)·s)``.
+def time_grid(steps: int, *, shift: float = 1.0, t_start: float = 1.0, device=None,
+              dtype=torch.float32) -> torch.Tensor:
+    """``steps + 1`` times from ``t_start`` down to 0 (exactly), uniform in ``s`` and mapped by
+    ``t = t_start·shift·s / (1 + (shift - 1)·s)``.
 
     ``shift > 1`` spends more steps near the noise end (the SD3 / SiT "time shift"); ``shift = 1`` is uniform.
+    ``t_start < 1`` starts from an intermediate state (e.g. a student's jump to ``t = 1 - δ``).
     """
     _check_steps(steps)
     _check_shift(shift)
+    _check_t_start(t_start)
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    t = shift * s / (1.0 + (shift - 1.0) * s)
+    t = t_start * shift * s / (1.0 + (shift - 1.0) * s)
     # Pin the ends so the last step lands on t = 0 exactly whatever the rounding.
-    t[0], t[-1] = 1.0, 0.0
+    t[0], t[-1] = t_start, 0.0
     return t.to(device=device, dtype=dtype)
 
 
@@ -71,10 +80,10 @@ def _times(t, z):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def euler(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
+def euler(v, z: torch.Tensor, steps: int, *, shift: float = 1.0, t_start: float = 1.0) -> torch.Tensor:
     """Explicit Euler from t = 1 to t = 0 on ``time_grid(steps, shift)``; NFE = ``steps``."""
     _check_field(v, z)
-    grid = time_grid(steps, shift=shift, dtype=torch.float64).tolist()
+    grid = time_grid(steps, shift=shift, t_start=t_start, dtype=torch.float64).tolist()
     x = z
     for t, t_next in zip(grid[:-1], grid[1:]):
         x = x + (t_next - t) * v(x, _times(t, x))
@@ -82,7 +91,7 @@ def euler(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor
 
 
 @torch.no_grad()
-def heun(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
+def heun(v, z: torch.Tensor, steps: int, *, shift: float = 1.0, t_start: float = 1.0) -> torch.Tensor:
     """Heun's second-order method (explicit trapezoid) from t = 1 to t = 0; NFE = ``2·steps - 1``.
 
     The last step is a plain Euler step, as in EDM's sampler: its corrector would evaluate ``v`` at
@@ -92,7 +101,7 @@ def heun(v, z: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
     step's O(h²) local error (still O(h²) globally).
     """
     _check_field(v, z)
-    grid = time_grid(steps, shift=shift, dtype=torch.float64).tolist()
+    grid = time_grid(steps, shift=shift, t_start=t_start, dtype=torch.float64).tolist()
     x = z
     for t, t_next in zip(grid[:-1], grid[1:]):
         h = t_next - t
@@ -119,8 +128,9 @@ def _torchdiffeq():
 
 
 @torch.no_grad()
-def dopri5(v, z: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, t_end: float = 0.0) -> torch.Tensor:
-    """Adaptive Dormand–Prince 5(4) (torchdiffeq) from t = 1 to ``t_end``.
+def dopri5(v, z: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, t_end: float = 0.0,
+           t_start: float = 1.0) -> torch.Tensor:
+    """Adaptive Dormand–Prince 5(4) (torchdiffeq) from ``t_start`` (default 1) to ``t_end``.
 
     The FSAL stage of the last accepted step evaluates ``v`` at ``t_end``; with ``t_end = 0`` that is the
     degenerate point described in ``heun`` (it only enters the error estimate, but can force small steps),
@@ -137,7 +147,10 @@ def dopri5(v, z: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, t_end:
     def rhs(t, x):
         return v(x, t.to(x.dtype).expand(x.shape[0]))
 
-    ts = torch.tensor([1.0, float(t_end)], dtype=z.dtype, device=z.device)
+    _check_t_start(t_start)
+    if not t_end < t_start:
+        raise ValueError(f"t_end must be below t_start, got t_end={t_end!r}, t_start={t_start!r}")
+    ts = torch.tensor([float(t_start), float(t_end)], dtype=z.dtype, device=z.device)
     return odeint(rhs, z, ts, rtol=rtol, atol=atol, method="dopri5")[-1]
 
 
@@ -167,8 +180,8 @@ class _Counted:
 
 
 def solve(v, z: torch.Tensor, method: str = "heun", steps: int | None = None, *, shift: float = 1.0,
-          rtol: float = 1e-5, atol: float = 1e-5, return_nfe: bool = False):
-    """Integrate ``dx/dt = v(x, t)`` from t = 1 to 0 with ``method`` in {"euler", "heun", "dopri5"}.
+          rtol: float = 1e-5, atol: float = 1e-5, t_start: float = 1.0, return_nfe: bool = False):
+    """Integrate ``dx/dt = v(x, t)`` from ``t_start`` (default 1) to 0 with ``method`` in {"euler", "heun", "dopri5"}.
 
     ``steps`` is required by the fixed-step methods and must be None for ``dopri5`` (whose accuracy is
     set by ``rtol``/``atol``). Returns the sample, or ``(sample, nfe)`` with ``return_nfe=True``.
@@ -180,8 +193,8 @@ def solve(v, z: torch.Tensor, method: str = "heun", steps: int | None = None, *,
     if method == "dopri5":
         if steps is not None:
             raise ValueError(f"steps must be None for the adaptive method 'dopri5', got {steps!r}")
-        x = dopri5(counted, z, rtol=rtol, atol=atol)
+        x = dopri5(counted, z, rtol=rtol, atol=atol, t_start=t_start)
     else:
         _check_steps(steps)
-        x = (euler if method == "euler" else heun)(counted, z, steps, shift=shift)
+        x = (euler if method == "euler" else heun)(counted, z, steps, shift=shift, t_start=t_start)
     return (x, counted.calls) if return_nfe else x
