@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--student", default="", help="student checkpoint (FreeFlow official or student_ema.pt of a run)")
     p.add_argument("--teacher", default="", help="teacher checkpoint (teacher and handoff modes)")
     p.add_argument("--family", default="", help="override the inferred family of --teacher")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--num-samples", dest="n", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gw", type=float, default=1.5, help="guidance weight γ")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"))
@@ -52,7 +52,7 @@ def build_parser():
 
 def validate(a):
     if a.n < 1 or a.batch_size < 1 or a.steps < 1:
-        raise ValueError(f"--n, --batch-size and --steps must be positive, got {a.n}, {a.batch_size}, {a.steps}")
+        raise ValueError(f"--num-samples, --batch-size and --steps must be positive, got {a.n}, {a.batch_size}, {a.steps}")
     if a.mode in ("student", "handoff") and not a.student:
         raise ValueError(f"--mode {a.mode} needs --student PATH")
     if a.mode in ("teacher", "handoff") and not a.teacher:
