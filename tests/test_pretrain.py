@@ -144,3 +144,13 @@ def test_feature_net_save_load_roundtrip(tmp_path):
     back = metrics.load_feature_net(tmp_path / "f.pt")
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(back.features(x), net.eval().features(x), rtol=0, atol=0)
+
+
+def test_shipped_teacher_loads_and_draws_the_requested_digits():
+    model = load_checkpoint(str(pretrain.ASSETS_DIR / pretrain.TEACHER_FILE))
+    assert model.family == "internal"
+    assert {k: getattr(model.config, k) for k in pretrain.TEACHER_ARCH} == pretrain.TEACHER_ARCH
+    samples = pretrain.sample_teacher(model, 20, gamma=2.0, steps=8, seed=0)  # labels 0..9 twice
+    with torch.no_grad():
+        pred = metrics.load_feature_net()(samples).argmax(1)
+    assert (pred == torch.arange(20) % 10).float().mean().item() >= 0.8
