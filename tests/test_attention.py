@@ -11,33 +11,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K
 from freeflow.kernels.attention import attention_jvp_reference, attention_reference
+from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 
 T = "triton"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+check = make_check(TOL)
 # (B, H, S, Dh): S = 1, 49, 100, 257 (masked tails across several key blocks), DiT head dims 64 and 72
 CASES = [(1, 2, 1, 64), (2, 1, 49, 72), (1, 2, 100, 72), (2, 1, 257, 64)]
-
-
-@pytest.fixture(autouse=True)
-def fp32_default_dtype():
-    """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel_err(a, b):
-    """Normwise relative error max|a - b| / max|b| in fp32 (absolute where b is exactly zero)."""
-    a, b = a.float(), b.float()
-    scale = b.abs().max()
-    return ((a - b).abs().max() / (scale if scale > 0 else 1.0)).item()
-
-
-def check(a, b, dtype, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    err = rel_err(a, b)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
 def qkv(B, H, S, D, dtype, seed=0):

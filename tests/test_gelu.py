@@ -9,32 +9,13 @@ import torch.autograd.forward_ad as fwAD
 
 import freeflow.kernels as K
 from freeflow.kernels.gelu import bias_gelu_jvp_reference, bias_gelu_reference
+from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 
 T = "triton"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+check = make_check(TOL)
 # (leading dims, C): DiT's MLP hidden is 4·hidden; odd widths and tokens exercise the masks
 SHAPES = [((2, 1), 256), ((2, 49), 288), ((2, 257), 40)]
-
-
-@pytest.fixture(autouse=True)
-def fp32_default_dtype():
-    """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel_err(a, b):
-    """Normwise relative error max|a - b| / max|b|, in fp32."""
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def check(a, b, dtype, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    err = rel_err(a, b)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
 def inputs(lead, C, dtype, seed=0):

@@ -8,21 +8,9 @@ import torch
 import torch.nn as nn
 
 from freeflow.models import DiT
+from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
 
 TOL = 1e-4  # fp32; attention's accumulation order dominates
-
-
-@pytest.fixture(autouse=True)
-def fp32_default_dtype():
-    """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel_err(a, b, floor=0.0):
-    return ((a - b).abs().max() / max(b.abs().max().item(), floor)).item()
 
 
 def pair(seed=0, **config):

@@ -12,15 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit
-
-
-@pytest.fixture(autouse=True)
-def fp32_default_dtype():
-    """Tensors made without a dtype are fp32 here, whatever another test module set globally."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,10 +158,6 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def model_and_inputs(qk_norm=False, seed=0):
