@@ -17,7 +17,7 @@ latents of ImageNet 256 and 512 (4×32×32 and 4×64×64); CUDA cases are added 
 """
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from memory import peak_bytes
 
 from freeflow import _ext
 from freeflow.losses import DEFAULT_EPS, velocity_alignment_loss, velocity_alignment_loss_reference
@@ -42,26 +42,6 @@ IMPLS = {
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def peak_bytes(fn, device):
-    """Peak of the bytes allocated (minus freed) while ``fn`` runs: the CUDA allocator's statistics,
-    or on CPU the profiler's allocation events summed in time order."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 @pytest.fixture(scope="module", autouse=True)

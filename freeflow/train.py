@@ -233,6 +233,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # model-side randomness (LoRA init); the training stream has its own generator
 
     # -- models ----------------------------------------------------------------------------------
