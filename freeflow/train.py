@@ -155,6 +155,14 @@ def load_newest_good(cfg: TrainConfig) -> tuple[dict | None, str | None]:
 #                                     logging
 # ---------------------------------------------------------------------------------------------
 
+def _row_step(line: str) -> float:
+    """Step of a JSONL row; a line cut short by a kill counts as past any checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
+
+
 class MetricsLog:
     """JSONL metrics (and TensorBoard when installed); on resume, rows past the checkpoint are dropped."""
 
@@ -162,7 +170,7 @@ class MetricsLog:
         self.path = path
         rows = []
         if resume_step > 0 and os.path.exists(path):
-            rows = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            rows = [line for line in open(path) if _row_step(line) <= resume_step]
         with open(path, "w") as f:
             f.writelines(rows)
         self.tb = None
