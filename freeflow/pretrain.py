@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from freeflow import metrics, solvers
+from freeflow.distill import TeacherAdapter
 from freeflow.models import DiT, DiTConfig, load_checkpoint, save_checkpoint
+from freeflow.viz import image_grid
 
 ASSETS_DIR = metrics.ASSETS_DIR
 TEACHER_FILE = "mnist_teacher.pt"
@@ -219,22 +221,13 @@ def train_teacher(images, labels, *, steps, batch_size=64, lr=1e-3, warmup=200, 
 #                                   Sampling + evaluation
 # ---------------------------------------------------------------------------------------------
 
-def guided_velocity(model, y, gamma, null_class=None):
+def guided_velocity(model, y, gamma):
     """``v(x, t)`` of the teacher with CFG on all channels: u(x|∅) + γ·(u(x|y) - u(x|∅)); γ = 1 is conditional."""
-    null_class = model.config.num_classes if null_class is None else null_class
-    if gamma == 1.0:
-        return lambda x, t: model(x, t, y)
-    y_null = torch.full_like(y, null_class)
-
-    def v(x, t):
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
-        cond, uncond = both.chunk(2)
-        return uncond + gamma * (cond - uncond)
-
-    return v
+    adapter = TeacherAdapter(model, model.config.num_classes)
+    gw = torch.full(y.shape, float(gamma), device=y.device)
+    return lambda x, t: adapter.guided_velocity(x, t, y, gw)
 
 
-@torch.no_grad()
 def sample_teacher(model, n, *, gamma, method="heun", steps=32, seed=0, batch_size=500, labels=None):
     """``n`` samples (balanced classes 0..9 unless ``labels`` given) from noise seeded by ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -280,20 +273,16 @@ def evaluate_teacher(model, images, net, stats, *, gammas=(1.0, 1.5, 2.0, 2.5, 3
 
 
 def save_grid(images, path, nrow=10, title=None):
-    """A grid PNG of images in [-1, 1] (rows of ``nrow``)."""
+    """A grid PNG of images in [-1, 1] (rows of ``nrow``), with an optional title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = ((images.clamp(-1, 1) + 1) / 2).squeeze(1).numpy()
-    rows = math.ceil(len(x) / nrow)
-    canvas = np.ones((rows * 30, nrow * 30))
-    for i, img in enumerate(x):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    canvas = image_grid(images, nrow)
+    rows = math.ceil(len(images) / nrow)
     fig = plt.figure(figsize=(nrow * 0.6, rows * 0.6 + (0.4 if title else 0)), dpi=100)
-    plt.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+    plt.imshow(canvas)
     plt.axis("off")
     if title:
         plt.title(title, fontsize=8)
