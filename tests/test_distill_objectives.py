@@ -4,7 +4,6 @@ References are written from the formulas with plain autograd: ``∂F/∂δ`` by 
 (``autograd.grad`` of the summed output w.r.t. δ, each row depending only on its own δ), the
 surrogates as ``w_i‖F_i - sg(F_i - Δ_i)‖²/d``. Everything runs in float64.
 """
-import math
 
 import pytest
 import torch

@@ -10,8 +10,7 @@ fuses every residual seam with the following LayerNorm + modulate (also across b
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

@@ -11,7 +11,6 @@ teacher's family: for a SiT teacher the time input is mapped t' = 1 - t and the 
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn as nn
