@@ -1,6 +1,6 @@
 """Data-free flow map distillation (DESIGN §3): teacher adapter, objectives, LoRA aux, the engine.
 
-Depends on ``freeflow.losses`` and torch only; models satisfy its protocols without being imported:
+Depends on ``freeflow.losses``, the family conventions of ``freeflow.models.conventions`` and torch; models satisfy its protocols without being imported:
 
 - student ``student(z, delta, y, gw) -> F`` with one-step map ``z - δ·F`` (optional
   ``forward_jvp(z, delta, y, gw, *, tdelta) -> (F, Ḟ)``);

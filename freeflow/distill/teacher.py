@@ -19,8 +19,7 @@ import contextlib
 
 import torch
 
-INTERNAL_FAMILIES = ("repa", "freeflow", "internal")
-FLIPPED_FAMILIES = ("sit",)
+from ..models.conventions import FLIPPED_FAMILIES, INTERNAL_FAMILIES, internal_velocity, native_time
 
 
 def _resolve_family(model, family):
@@ -65,16 +64,13 @@ class TeacherAdapter:
     @torch.no_grad()
     def velocity(self, x, t, y):
         """Internal-convention velocity ``v(x, t | y)``; ``y = num_classes`` is unconditional."""
-        flipped = self.family in FLIPPED_FAMILIES
-        t_model = 1.0 - t if flipped else t
         with self._autocast(x.device):
-            out = self.model(x, t_model, y)
+            out = self.model(x, native_time(t, self.family), y)
         if isinstance(out, (tuple, list)):
             out = out[0]  # REPA returns (velocity, projector features)
         if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]  # learned-sigma heads: the velocity is the first half
-        out = out.to(x.dtype)
-        return -out if flipped else out
+        return internal_velocity(out.to(x.dtype), self.family)
 
     @torch.no_grad()
     def guided_velocity(self, x, t, y, gw, lo=0.0, hi=1.0):
@@ -91,6 +87,11 @@ class TeacherAdapter:
         cond, uncond = out[:n], out[n:]
         scale = gw[rows].to(out.dtype).view(-1, *([1] * (x.dim() - 1)))
         return cond.index_copy(0, rows, uncond + scale * (cond[rows] - uncond))
+
+
+    def field(self, y, gw, lo=0.0, hi=1.0):
+        """The guided velocity as an ODE right-hand side ``v(x, t)`` for fixed classes and guidance."""
+        return lambda x, t: self.guided_velocity(x, t, y, gw, lo, hi)
 
 
 def as_teacher(teacher, num_classes, **kwargs):

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .conventions import internal_velocity, native_time
 from .dit import DiT, DiTConfig
-
-_FLIPPED = {"sit"}
 
 
 def _check_family(teacher: DiT):
@@ -47,15 +46,11 @@ def _clone_with(teacher: DiT, *, take_dt: bool, take_gw: bool) -> DiT:
 class _ConventionMixin:
     net: DiT
 
-    @property
-    def flipped(self) -> bool:
-        return self.net.family in _FLIPPED
-
     def native_time(self, t):
-        return 1 - t if self.flipped else t
+        return native_time(t, self.net.family)
 
     def internal_velocity(self, v):
-        return -v if (v is not None and self.flipped) else v
+        return internal_velocity(v, self.net.family)
 
 
 class FlowMapStudent(_ConventionMixin, nn.Module):
