@@ -223,9 +223,7 @@ def train_teacher(images, labels, *, steps, batch_size=64, lr=1e-3, warmup=200, 
 
 def guided_velocity(model, y, gamma):
     """``v(x, t)`` of the teacher with CFG on all channels: u(x|∅) + γ·(u(x|y) - u(x|∅)); γ = 1 is conditional."""
-    adapter = TeacherAdapter(model, model.config.num_classes)
-    gw = torch.full(y.shape, float(gamma), device=y.device)
-    return lambda x, t: adapter.guided_velocity(x, t, y, gw)
+    return TeacherAdapter(model, model.config.num_classes).field(y, torch.full(y.shape, float(gamma), device=y.device))
 
 
 def sample_teacher(model, n, *, gamma, method="heun", steps=32, seed=0, batch_size=500, labels=None):

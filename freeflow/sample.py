@@ -90,7 +90,7 @@ class Sampler:
         if a.mode == "student":
             return self.student.sample(z, y, gw)
         lo, hi = a.guidance_interval
-        field = lambda x, t: self.teacher.guided_velocity(x, t, y, gw, lo, hi)  # noqa: E731
+        field = self.teacher.field(y, gw, lo, hi)
         steps = None if a.solver == "dopri5" else a.steps
         if a.mode == "teacher":
             return solve(field, z, a.solver, steps)

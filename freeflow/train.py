@@ -194,11 +194,6 @@ class MetricsLog:
 #                                     samples
 # ---------------------------------------------------------------------------------------------
 
-def guided_teacher_field(adapter: TeacherAdapter, y, gw, interval=(0.0, 1.0)):
-    lo, hi = interval
-    return lambda x, t: adapter.guided_velocity(x, t, y, gw, lo, hi)
-
-
 @torch.no_grad()
 def sample_grid_inputs(cfg: TrainConfig, shape, num_classes, device):
     """Fixed noises/classes for the grid, from their own generator (the training stream is untouched)."""
@@ -214,7 +209,7 @@ def sample_grid_inputs(cfg: TrainConfig, shape, num_classes, device):
 def teacher_samples(adapter, z, y, gw, steps, interval=(0.0, 1.0)):
     from .solvers import solve
 
-    return solve(guided_teacher_field(adapter, y, gw, interval), z, "heun", steps)
+    return solve(adapter.field(y, gw, *interval), z, "heun", steps)
 
 
 @torch.no_grad()
