@@ -1,7 +1,6 @@
 """patch_dit on an official-layout DiT (facebookresearch/DiT models.py, timm Attention/Mlp) built here."""
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
 
 import math
 
@@ -9,11 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit
-from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
-
 
 # ----------------------------------------------------------------------------------------------
 # The published architecture (timm's Attention / Mlp / PatchEmbed, DiT's embedders, block, final layer)

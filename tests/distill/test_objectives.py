@@ -9,10 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from freeflow.distill import (DistillConfig, Distiller, TeacherAdapter, add_lora, balance_weight,
-                              correction_loss, lora_parameters, noised, prediction_loss,
-                              prediction_targets, sample, sample_delta, sample_logit_normal,
-                              student_and_tangent, aux_flow_matching_loss)
+from freeflow.distill import (
+    DistillConfig,
+    Distiller,
+    TeacherAdapter,
+    add_lora,
+    aux_flow_matching_loss,
+    balance_weight,
+    correction_loss,
+    lora_parameters,
+    noised,
+    prediction_loss,
+    prediction_targets,
+    sample,
+    sample_delta,
+    sample_logit_normal,
+    student_and_tangent,
+)
 
 NUM_CLASSES = 3
 D = 3

@@ -1,14 +1,13 @@
 """A whole DiT on the Triton kernels (interpreter) equals the reference backend: forward_jvp and backward."""
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
 
 import pytest
 import torch
 import torch.nn as nn
+from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
 
 from freeflow.models import DiT
-from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
 
 TOL = 1e-4  # fp32; attention's accumulation order dominates
 

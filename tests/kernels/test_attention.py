@@ -1,17 +1,16 @@
 """JVP flash attention: Triton kernels (interpreter) vs the reference, SDPA's math path, torch.func and autograd."""
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K
 from freeflow.kernels.attention import attention_jvp_reference, attention_reference
-from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 
 T = "triton"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}

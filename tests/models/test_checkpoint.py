@@ -1,11 +1,10 @@
 """Official-layout checkpoints load strictly and match an independent functional DiT forward."""
 import argparse
+import functools
 
 import pytest
 import torch
 from official import functional_dit, official_state_dict
-
-import functools
 
 from freeflow.models import DiT, DiTConfig, save_checkpoint
 from freeflow.models import load_checkpoint as _load_checkpoint

@@ -7,6 +7,7 @@ import torch
 from freeflow import metrics, pretrain
 from freeflow.models import DiT, DiTConfig, load_checkpoint
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes 2 threads far slower."""

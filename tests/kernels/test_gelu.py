@@ -1,15 +1,14 @@
 """Bias + GELU(tanh): Triton kernel (interpreter) vs the reference, torch.func.jvp and autograd."""
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (also set by .ci/run for the suite)
+
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 
 import freeflow.kernels as K
 from freeflow.kernels.gelu import bias_gelu_jvp_reference, bias_gelu_reference
-from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
 
 T = "triton"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
