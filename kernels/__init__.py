@@ -7,11 +7,19 @@ function dispatches (CUDA → Triton, CPU → reference unless ``TRITON_INTERPRE
 stop-gradient in FreeFlow's objectives). Tangent arguments may be ``None`` (zero); a returned tangent is
 ``None`` only when it is zero by structure (every input tangent it depends on was ``None``).
 
+Modules, one op family each: ``flash_attention`` (JVP flash attention), ``adaln`` (modulate, gated
+residual and the fused seam), ``gelu`` (bias + GELU), ``tangent_ops`` (LayerNorm, linear, SiLU, timestep
+embedding: tangents without a kernel), ``patch`` (``patch_dit``); ``aot`` (compile report and gate) and
+``selftest`` (GPU self-test) are command-line tools. No exported name equals a module name.
+
 This package depends on torch (and triton when present) only; it never imports the rest of freeflow.
 """
 from ._dispatch import check_backend, use_triton
-from .attention import attention, attention_jvp, attention_jvp_reference, attention_reference
-from .gated_residual import (
+from .adaln import (
+    adaln_modulate,
+    adaln_modulate_jvp,
+    adaln_modulate_jvp_reference,
+    adaln_modulate_reference,
     gated_residual,
     gated_residual_jvp,
     gated_residual_jvp_reference,
@@ -21,12 +29,35 @@ from .gated_residual import (
     gated_residual_modulate_reference,
     gated_residual_reference,
 )
+from .flash_attention import attention, attention_jvp, attention_jvp_reference, attention_reference
 from .gelu import bias_gelu, bias_gelu_jvp, bias_gelu_jvp_reference, bias_gelu_reference, gelu_tanh, gelu_tanh_jvp
-from .layer_norm import layer_norm, layer_norm_jvp
-from .linear import linear, linear_jvp
-from .modulate import adaln_modulate, adaln_modulate_jvp, adaln_modulate_jvp_reference, adaln_modulate_reference
 from .patch import patch_dit
-from .silu import silu, silu_jvp
-from .timestep import timestep_embedding, timestep_embedding_jvp
+from .tangent_ops import (
+    layer_norm,
+    layer_norm_jvp,
+    linear,
+    linear_jvp,
+    silu,
+    silu_jvp,
+    timestep_embedding,
+    timestep_embedding_jvp,
+)
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # dispatch
+    "check_backend", "use_triton",
+    # attention
+    "attention", "attention_jvp", "attention_reference", "attention_jvp_reference",
+    # adaLN family
+    "adaln_modulate", "adaln_modulate_jvp", "adaln_modulate_reference", "adaln_modulate_jvp_reference",
+    "gated_residual", "gated_residual_jvp", "gated_residual_reference", "gated_residual_jvp_reference",
+    "gated_residual_modulate", "gated_residual_modulate_jvp", "gated_residual_modulate_reference",
+    "gated_residual_modulate_jvp_reference",
+    # bias + GELU
+    "bias_gelu", "bias_gelu_jvp", "bias_gelu_reference", "bias_gelu_jvp_reference", "gelu_tanh", "gelu_tanh_jvp",
+    # tangent-only ops
+    "layer_norm", "layer_norm_jvp", "linear", "linear_jvp", "silu", "silu_jvp",
+    "timestep_embedding", "timestep_embedding_jvp",
+    # model patching
+    "patch_dit",
+]

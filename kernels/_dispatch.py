@@ -15,7 +15,7 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -24,7 +24,8 @@ def triton_available() -> bool:
     return True
 
 
-def interpreter_enabled() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read at ``import triton``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -45,7 +46,7 @@ def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> boo
         return False
     devices = {t.device.type for t in tensors if t is not None}
     runnable = triton_available() and (
-        devices == {"cuda"} or (devices == {"cpu"} and interpreter_enabled())
+        devices == {"cuda"} or (devices == {"cpu"} and interpreting())
     )
     if backend == "triton" and not runnable:
         raise RuntimeError(

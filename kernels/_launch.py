@@ -12,9 +12,10 @@ below are still *defined* (the decorators become no-ops) but never launched, bec
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ._dispatch import interpreting
 
 try:
     import triton
@@ -34,12 +35,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 
     triton = tl = _NoTriton()
 
-__all__ = ["triton", "tl", "interpreting", "kernel_rule", "saved", "next_power_of_2", "last_dim_contiguous", "row_tiles",
-           "reduction_chunks", "elementwise_tiles", "dot_settings"]
+__all__ = ["triton", "tl", "LOG2E", "interpreting", "kernel_rule", "saved", "next_power_of_2", "last_dim_contiguous",
+           "row_tiles", "reduction_chunks", "elementwise_tiles", "dot_settings"]
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# log2(e): kernels run exp/log in base 2 (``exp2``, one MUFU op); a constexpr so @triton.jit code may read it.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def plain(t):
@@ -84,7 +84,7 @@ def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

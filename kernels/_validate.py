@@ -43,3 +43,8 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 def zeros_if_none(t, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.zeros_like(like, dtype=dtype) if t is None else t
+
+
+def detached(t):
+    """``t.detach()``, None for None: tangents enter the fused Functions as constants."""
+    return None if t is None else t.detach()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_triton
-from ._launch import elementwise_tiles, kernel_rule, last_dim_contiguous, reduction_chunks, saved, tl, triton
+from ._launch import LOG2E, elementwise_tiles, kernel_rule, last_dim_contiguous, reduction_chunks, saved, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -87,7 +87,7 @@ def _gelu_tanh_and_derivative(a):
     """(g(a), g'(a)) in fp32, tanh formed from exp2 (no libdevice in the interpreter)."""
     u = 0.7978845608028654 * (a + 0.044715 * a * a * a)  # c·(a + 0.044715·a³), c = √(2/π)
     u = tl.minimum(tl.maximum(u, -15.0), 15.0)  # tanh(±15) is ±1 in fp32; keeps e^{2u} finite
-    T = 1.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0)  # tanh(u) = 1 - 2/(e^{2u} + 1), 2·log2(e)
+    T = 1.0 - 2.0 / (tl.exp2(u * (2.0 * LOG2E)) + 1.0)  # tanh(u) = 1 - 2/(e^{2u} + 1), 2·log2(e)
     g = 0.5 * a * (1.0 + T)
     dg = 0.5 * (1.0 + T) + 0.5 * a * (1.0 - T * T) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
     return g, dg
@@ -176,8 +176,7 @@ def bias_gelu_forward(h, bias=None, th=None, tbias=None, *, store_y=True):
         HAS_BIAS=bias is not None, STORE_Y=store_y, HAS_TH=th is not None, HAS_TBIAS=tbias is not None,
         BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
-    shape = lambda t: None if t is None else t.view(h.shape)
-    return shape(y), shape(ty)
+    return tuple(None if t is None else t.view(h.shape) for t in (y, ty))
 
 
 def bias_gelu_backward(dy, h, bias=None):

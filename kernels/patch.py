@@ -31,10 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._dispatch import check_backend
-from .attention import attention
-from .gated_residual import gated_residual, gated_residual_modulate
+from .adaln import adaln_modulate, gated_residual, gated_residual_modulate
+from .flash_attention import attention
 from .gelu import bias_gelu
-from .modulate import adaln_modulate
 
 _ATTENTION = ("qkv", "proj", "num_heads")
 _MLP = ("fc1", "fc2")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
+from kernel_checks import rel_err
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit
@@ -158,17 +158,17 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def model_and_inputs(qk_norm=False, seed=0):
+def model_and_inputs(qk_norm=False, seed=0, device="cpu"):
     torch.manual_seed(seed)
     model = DiT(qk_norm=qk_norm).eval()  # S = (14/2)² = 49 tokens, head dim 144/2 = 72 (as DiT-XL)
     g = torch.Generator().manual_seed(seed + 1)
     x, t, y = torch.randn(2, 4, 14, 14, generator=g), torch.rand(2, generator=g), torch.tensor([3, 10])
-    return model, (x, t, y)
+    return model.to(device), (x.to(device), t.to(device), y.to(device))
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])  # REPA's blocks may use qk_norm
-def test_patched_model_gives_the_same_outputs_and_gradients(qk_norm):
-    model, (x, t, y) = model_and_inputs(qk_norm)
+def test_patched_model_gives_the_same_outputs_and_gradients(device, qk_norm):
+    model, (x, t, y) = model_and_inputs(qk_norm, device=device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = model(x, t, y)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
@@ -186,10 +186,10 @@ def test_patched_model_gives_the_same_outputs_and_gradients(qk_norm):
         assert err <= 1e-4, f"{name}: {err:.2e}"
 
 
-def test_torch_func_jvp_through_patched_model_and_state_dict_roundtrip():
-    model, (x, t, y) = model_and_inputs(seed=2)
-    fresh, _ = model_and_inputs(seed=3)
-    tx = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+def test_torch_func_jvp_through_patched_model_and_state_dict_roundtrip(device):
+    model, (x, t, y) = model_and_inputs(seed=2, device=device)
+    fresh, _ = model_and_inputs(seed=3, device=device)
+    tx = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device)
     tt = torch.ones_like(t)
     with sdpa_kernel(SDPBackend.MATH):  # SDPA's fused CPU kernels have no forward-AD formula
         out_ref, tout_ref = torch.func.jvp(lambda x, t: model(x, t, y), (x, t), (tx, tt))

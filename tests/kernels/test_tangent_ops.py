@@ -194,7 +194,8 @@ def test_low_precision_inputs_compute_in_fp32():
     [
         (lambda: K.adaln_modulate(_rand(2, 3), _rand(2, 3), _rand(2, 3)), "x must have rank 3"),
         (lambda: K.adaln_modulate(_rand(2, 3, 4), _rand(3, 4), _rand(2, 4)), r"shift must have shape \(2, 4\)"),
-        (lambda: K.adaln_modulate_jvp(_rand(2, 3, 4), _rand(2, 4), _rand(2, 4), _rand(2, 3, 5), None, None), "tx must have shape"),
+        (lambda: K.adaln_modulate_jvp(_rand(2, 3, 4), _rand(2, 4), _rand(2, 4), _rand(2, 3, 5), None, None),
+         "tx must have shape"),
         (lambda: K.attention(_rand(2, 3, 4), _rand(2, 3, 4), _rand(2, 3, 4)), "q must have rank 4"),
         (lambda: K.attention(_rand(1, 2, 3, 4), _rand(1, 2, 3, 5), _rand(1, 2, 3, 4)), "k must have shape"),
         (lambda: K.gated_residual(_rand(2, 3, 4), _rand(2, 4), _rand(2, 3, 3)), "h must have shape"),

@@ -1,12 +1,20 @@
-"""adaLN modulate: LayerNorm (no affine) followed by a per-sample scale and shift, with tangent.
+"""The adaLN family of a DiT block: modulate, gated residual, and the fused seam, with tangents.
+
+adaLN modulate, LayerNorm (no affine) followed by a per-sample scale and shift::
 
     x̂ = (x - μ)/σ  (over C, eps 1e-6),   y = x̂·(1 + s) + b         x: (N, S, C); s, b: (N, C)
     ẏ = ẋ̂·(1 + s) + x̂·ṡ + ḃ,   ẋ̂ = (ẋ - mean(ẋ) - x̂·mean(x̂·ẋ))/σ
     backward: g_x̂ = g·(1 + s),  dx = (g_x̂ - mean(g_x̂) - x̂·mean(g_x̂·x̂))/σ,
               ds = Σ_tokens g·x̂,  db = Σ_tokens g
 
-Kernel design. One forward kernel (``_adaln_fwd_kernel``) serves this op, the gated residual and the
-fused gated-residual + modulate seam of ``gated_residual.py`` through constexpr flags:
+The block seam, gated residual optionally fused with the next LayerNorm + modulate::
+
+    x' = x + a·h                          x, h: (N, S, C); a (gate): (N, C)
+    ẋ' = ẋ + ȧ·h + a·ḣ
+    y  = LN(x')·(1 + s) + b               (``gated_residual_modulate`` returns x' and y)
+
+Kernel design. One forward kernel (``_adaln_fwd_kernel``) serves modulate, the gated residual and the
+fused gated-residual + modulate seam through constexpr flags:
 ``HAS_RESIDUAL`` first forms x' = x + a·h (rounded to the storage dtype, so the statistics see the
 same x' the unfused ops and the backward see) and stores it; ``HAS_NORM`` normalises and modulates;
 the tangent flags (``HAS_TX``, ``HAS_TGATE``, ``HAS_TH``, ``HAS_TSHIFT``, ``HAS_TSCALE``) add the
@@ -15,7 +23,10 @@ whole rows of one sample (the row must be on chip for μ, σ), computes in fp32 
 per row (8 bytes/token) for the backward. The backward kernel (``_adaln_bwd_kernel``) recomputes x̂
 from the saved x' and statistics; a program owns a chunk of one sample's tokens and writes its
 partial Σ g·x̂, Σ g (and Σ dx'·h for the gate) to its own row of a fp32 buffer, which one torch sum
-finishes: no atomics, deterministic.
+finishes: no atomics, deterministic. Fused, one pass reads x, a, h (and their tangents) and writes x'
+(and ẋ'), the statistics, y and ẏ of the next sub-block: x' is never re-read; the backward takes the
+gradients of both outputs (g_x' from the residual stream, g_y from the next sub-block) in one pass and
+reduces d_a = Σ dx'·h per sample next to d_shift, d_scale.
 
 Autograd. ``AdaLNFunction`` (primal; its ``jvp`` rule runs the fused kernel, so ``torch.func.jvp``
 and ``forward_ad`` work) and ``AdaLNJVPFunction`` (primal and tangents in one launch; tangents are
@@ -27,8 +38,8 @@ import torch
 
 from ._dispatch import use_triton
 from ._launch import kernel_rule, last_dim_contiguous, reduction_chunks, row_tiles, saved, tl, triton
-from ._validate import check_modulation, check_tangents
-from .layer_norm import normalize, normalize_tangent
+from ._validate import check_modulation, check_shape, check_tangents, detached, zeros_if_none
+from .tangent_ops import normalize, normalize_tangent
 
 
 def adaln_modulate_reference(x, shift, scale, eps: float = 1e-6):
@@ -201,7 +212,7 @@ def _adaln_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch wrappers (shared with gated_residual.py)
+# Launch wrappers
 # ----------------------------------------------------------------------------------------------
 
 
@@ -270,8 +281,8 @@ def adaln_backward(dy, dx_out, xn, mean, rstd, scale, gate=None, h=None, *, norm
     dtype = xn.dtype if xn is not None else h.dtype
     dx = torch.empty((N, S, C), device=ref.device, dtype=dtype) if norm else dx_out
     dh = torch.empty((N, S, C), device=ref.device, dtype=h.dtype) if residual else None
-    partial = lambda on: torch.empty((N, chunks, C), device=ref.device, dtype=torch.float32) if on else None
-    d_shift, d_scale, d_gate = partial(norm), partial(norm), partial(residual)
+    d_shift, d_scale, d_gate = (torch.empty((N, chunks, C), device=ref.device, dtype=torch.float32) if on else None
+                                for on in (norm, norm, residual))
     _adaln_bwd_kernel[(N, chunks)](
         dy, dx_out, xn, mean, rstd, scale, gate, h,
         dx, dh, d_shift, d_scale, d_gate,
@@ -281,8 +292,9 @@ def adaln_backward(dy, dx_out, xn, mean, rstd, scale, gate=None, h=None, *, norm
         HAS_RESIDUAL=residual, HAS_NORM=norm, HAS_DXOUT=dx_out is not None,
         BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
-    finish = lambda part, like: part.sum(1).to(like.dtype) if part is not None else None
-    return dx, dh, finish(d_gate, gate), finish(d_shift, scale), finish(d_scale, scale)
+    d_gate, d_shift, d_scale = (None if part is None else part.sum(1).to(like.dtype)
+                                for part, like in ((d_gate, gate), (d_shift, scale), (d_scale, scale)))
+    return dx, dh, d_gate, d_shift, d_scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +333,7 @@ class AdaLNFunction(torch.autograd.Function):
         x, gate, h, shift, scale = saved(ctx)
         _, _, _, _, tx_out, ty = adaln_forward(
             x, shift, scale, ctx.eps, gate, h, tx, tgate, th, tshift, tscale, norm=ctx.norm)
-        named = {"x_out": _zeros_if_none(tx_out, x), "y": _zeros_if_none(ty, x), "mean": None, "rstd": None}
+        named = {"x_out": zeros_if_none(tx_out, x), "y": zeros_if_none(ty, x), "mean": None, "rstd": None}
         return tuple(named[k] for k in _primal_layout(ctx.residual, ctx.norm))
 
 
@@ -350,10 +362,6 @@ class AdaLNJVPFunction(torch.autograd.Function):
         return _backward(ctx, grads[:n_primal]) + (None,) * 7
 
 
-def _zeros_if_none(t, like):
-    return torch.zeros_like(like) if t is None else t
-
-
 def _save_for_backward(ctx, inputs, output):
     x, gate, h, shift, scale, eps, norm = inputs
     ctx.residual, ctx.norm, ctx.eps = h is not None, norm, eps
@@ -377,9 +385,7 @@ def _backward(ctx, grads):
     # With y unused only the residual stream carries gradient: run the kernel without its norm part.
     norm = ctx.norm and g_y is not None
     dx, dh, d_gate, d_shift, d_scale = adaln_backward(g_y, g_x_out, xn, mean, rstd, scale, gate, h, norm=norm)
-    need = ctx.needs_input_grad
-    keep = lambda g, i: g if need[i] else None
-    return keep(dx, 0), keep(d_gate, 1), keep(dh, 2), keep(d_shift, 3), keep(d_scale, 4)
+    return tuple(g if need else None for g, need in zip((dx, d_gate, dh, d_shift, d_scale), ctx.needs_input_grad))
 
 
 def _modulate_triton(x, shift, scale, eps):
@@ -388,9 +394,8 @@ def _modulate_triton(x, shift, scale, eps):
 
 
 def _modulate_jvp_triton(x, shift, scale, tx, tshift, tscale, eps):
-    detach = lambda t: None if t is None else t.detach()
     y, _, _, ty = AdaLNJVPFunction.apply(
-        x, None, None, shift, scale, detach(tx), None, None, detach(tshift), detach(tscale), eps, True)
+        x, None, None, shift, scale, detached(tx), None, None, detached(tshift), detached(tscale), eps, True)
     return y, ty
 
 
@@ -411,3 +416,117 @@ def adaln_modulate_jvp(x, shift, scale, tx, tshift, tscale, eps: float = 1e-6, *
     if tx is None and tshift is None and tscale is None:
         return _modulate_triton(x, shift, scale, eps), None
     return _modulate_jvp_triton(x, shift, scale, tx, tshift, tscale, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated residual (+ LayerNorm + modulate): the same kernels with HAS_RESIDUAL
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(x, gate, h):
+    check_modulation(x, "x", gate=gate)
+    check_shape("h", h, x.shape)
+
+
+def _check_triton(x, **others):
+    """The kernels store x' and y in x's dtype: the other operands must share it."""
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype} on the Triton path, got {t.dtype}")
+
+
+def residual_tangent(gate, h, tx, tgate, th):
+    """ẋ' = ẋ + ȧ·h + a·ḣ with None meaning zero; None if all tangents are None."""
+    terms = []
+    if tx is not None:
+        terms.append(tx)
+    if tgate is not None:
+        terms.append(tgate[:, None] * h)
+    if th is not None:
+        terms.append(gate[:, None] * th)
+    if not terms:
+        return None
+    return sum(terms[1:], terms[0])
+
+
+def gated_residual_reference(x, gate, h):
+    _check(x, gate, h)
+    return x + gate[:, None] * h
+
+
+def gated_residual_jvp_reference(x, gate, h, tx, tgate, th):
+    _check(x, gate, h)
+    check_tangents([("tx", tx, x), ("tgate", tgate, gate), ("th", th, h)])
+    out = x + gate[:, None] * h
+    with torch.no_grad():
+        tout = residual_tangent(gate.detach(), h.detach(), tx, tgate, th)
+    return out, tout
+
+
+def gated_residual_modulate_reference(x, gate, h, shift, scale, eps: float = 1e-6):
+    x_new = gated_residual_reference(x, gate, h)
+    return x_new, adaln_modulate_reference(x_new, shift, scale, eps)
+
+
+def gated_residual_modulate_jvp_reference(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale,
+                                          eps: float = 1e-6):
+    """Returns (x', y, ẋ', ẏ)."""
+    x_new, tx_new = gated_residual_jvp_reference(x, gate, h, tx, tgate, th)
+    y, ty = adaln_modulate_jvp_reference(x_new, shift, scale, tx_new, tshift, tscale, eps)
+    return x_new, y, tx_new, ty
+
+
+def gated_residual(x, gate, h, *, backend=None):
+    """x + gate·h for x, h (N, S, C) and gate (N, C)."""
+    _check(x, gate, h)
+    if not use_triton(x, gate, h, backend=backend):
+        return gated_residual_reference(x, gate, h)
+    _check_triton(x, gate=gate, h=h)
+    (x_new,) = AdaLNFunction.apply(x, gate, h, None, None, 1e-6, False)
+    return x_new
+
+
+def gated_residual_jvp(x, gate, h, tx, tgate, th, *, backend=None):
+    """(x + gate·h, its tangent); primal differentiable, tangent detached (None if all tangents are)."""
+    _check(x, gate, h)
+    check_tangents([("tx", tx, x), ("tgate", tgate, gate), ("th", th, h)])
+    if not use_triton(x, gate, h, tx, tgate, th, backend=backend):
+        return gated_residual_jvp_reference(x, gate, h, tx, tgate, th)
+    _check_triton(x, gate=gate, h=h, tx=tx, tgate=tgate, th=th)
+    if tx is None and tgate is None and th is None:
+        return gated_residual(x, gate, h, backend=backend), None
+    x_new, tx_new = AdaLNJVPFunction.apply(
+        x, gate, h, None, None, detached(tx), detached(tgate), detached(th), None, None, 1e-6, False)
+    return x_new, tx_new
+
+
+def gated_residual_modulate(x, gate, h, shift, scale, eps: float = 1e-6, *, backend=None):
+    """(x' = x + gate·h, LN(x')·(1 + scale) + shift)."""
+    _check(x, gate, h)
+    check_modulation(x, "x", shift=shift, scale=scale)
+    if not use_triton(x, gate, h, shift, scale, backend=backend):
+        return gated_residual_modulate_reference(x, gate, h, shift, scale, eps)
+    _check_triton(x, gate=gate, h=h, shift=shift, scale=scale)
+    x_new, y, _, _ = AdaLNFunction.apply(x, gate, h, shift, scale, eps, True)
+    return x_new, y
+
+
+def gated_residual_modulate_jvp(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale,
+                                eps: float = 1e-6, *, backend=None):
+    """(x', y, ẋ', ẏ) of ``gated_residual_modulate``; primals differentiable, tangents detached."""
+    _check(x, gate, h)
+    check_modulation(x, "x", shift=shift, scale=scale)
+    check_tangents([("tx", tx, x), ("tgate", tgate, gate), ("th", th, h),
+                    ("tshift", tshift, shift), ("tscale", tscale, scale)])
+    if not use_triton(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, backend=backend):
+        return gated_residual_modulate_jvp_reference(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps)
+    _check_triton(x, gate=gate, h=h, shift=shift, scale=scale, tx=tx, tgate=tgate, th=th, tshift=tshift,
+                  tscale=tscale)
+    tangent_x = tx is not None or tgate is not None or th is not None
+    tangent_y = tangent_x or tshift is not None or tscale is not None
+    if not tangent_y:
+        return (*gated_residual_modulate(x, gate, h, shift, scale, eps, backend=backend), None, None)
+    x_new, y, _, _, *tangents = AdaLNJVPFunction.apply(
+        x, gate, h, shift, scale, *map(detached, (tx, tgate, th, tshift, tscale)), eps, True)
+    tx_new = tangents.pop(0) if tangent_x else None
+    return x_new, y, tx_new, tangents[0]

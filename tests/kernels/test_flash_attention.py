@@ -1,16 +1,14 @@
-"""JVP flash attention: Triton kernels (interpreter) vs the reference, SDPA's math path, torch.func and autograd."""
-
-
-
+"""JVP flash attention: Triton kernels vs the reference, SDPA's math path, torch.func and autograd
+(interpreted on CPU, compiled on CUDA: the ``device`` fixture)."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from kernel_checks import fp32_default_dtype, make_check, rel_err  # noqa: F401 (autouse fixture)
+from kernel_checks import make_check
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K
-from freeflow.kernels.attention import attention_jvp_reference, attention_reference
+from freeflow.kernels.flash_attention import attention_jvp_reference, attention_reference
 
 T = "triton"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -19,10 +17,11 @@ check = make_check(TOL)
 CASES = [(1, 2, 1, 64), (2, 1, 49, 72), (1, 2, 100, 72), (2, 1, 257, 64)]
 
 
-def qkv(B, H, S, D, dtype, seed=0):
+def qkv(B, H, S, D, dtype, seed=0, device="cpu"):
     """q, k, v as DiT makes them: strided views of one (B, S, 3, H, D) projection (non-contiguous)."""
     g = torch.Generator().manual_seed(seed)
-    proj = lambda: torch.randn(B, S, 3, H, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    def proj():
+        return torch.randn(B, S, 3, H, D, generator=g).to(device, dtype).permute(2, 0, 3, 1, 4).unbind(0)
     return proj(), proj()
 
 
@@ -32,8 +31,8 @@ def leaves(ts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", CASES)
-def test_fused_jvp_and_backward(shape, dtype):
-    (q, k, v), tangents = qkv(*shape, dtype)
+def test_fused_jvp_and_backward(device, shape, dtype):
+    (q, k, v), tangents = qkv(*shape, dtype, device=device)
     assert shape[2] == 1 or not q.is_contiguous()
     mine, ref = leaves((q, k, v)), leaves((q, k, v))
     o, to = K.attention_jvp(*mine, *tangents, backend=T)
@@ -41,14 +40,14 @@ def test_fused_jvp_and_backward(shape, dtype):
     check(o, o_ref, dtype, "O")
     check(to, to_ref, dtype, "tangent")
     assert o.requires_grad and not to.requires_grad
-    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, g), torch.autograd.grad(o_ref, ref, g)):
         check(a, b, dtype, name)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 49, 72), (1, 2, 257, 64)])
-def test_matches_sdpa_math_path_under_torch_func_jvp(shape):
-    (q, k, v), tangents = qkv(*shape, torch.float32, seed=2)
+def test_matches_sdpa_math_path_under_torch_func_jvp(device, shape):
+    (q, k, v), tangents = qkv(*shape, torch.float32, seed=2, device=device)
     o, to = torch.func.jvp(lambda q, k, v: K.attention(q, k, v, backend=T), (q, k, v), tangents)
     with sdpa_kernel(SDPBackend.MATH):
         o_sdpa, to_sdpa = torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), tangents)
@@ -59,8 +58,8 @@ def test_matches_sdpa_math_path_under_torch_func_jvp(shape):
         check(fwAD.unpack_dual(dual).tangent, to_sdpa, torch.float32, "forward_ad tangent")
 
 
-def test_half_precision_and_cross_attention_with_scale():
-    (q, k, v), (tq, tk, tv) = qkv(2, 2, 49, 64, torch.float16, seed=3)
+def test_half_precision_and_cross_attention_with_scale(device):
+    (q, k, v), (tq, tk, tv) = qkv(2, 2, 49, 64, torch.float16, seed=3, device=device)
     o, to = K.attention_jvp(q, k, v, tq, tk, tv, backend=T)
     o_ref, to_ref = attention_jvp_reference(q, k, v, tq, tk, tv)
     check(o, o_ref, torch.float16, "fp16 O")
@@ -68,20 +67,20 @@ def test_half_precision_and_cross_attention_with_scale():
     # S_q != S_k, Dv != Dh, explicit scale
     g = torch.Generator().manual_seed(4)
     shapes = [(2, 2, 49, 40), (2, 2, 17, 40), (2, 2, 17, 24)]
-    q, k, v = (torch.randn(*s, generator=g) for s in shapes)
-    tq, tk, tv = (torch.randn(*s, generator=g) for s in shapes)
+    q, k, v = (torch.randn(*s, generator=g).to(device) for s in shapes)
+    tq, tk, tv = (torch.randn(*s, generator=g).to(device) for s in shapes)
     mine, ref = leaves((q, k, v)), leaves((q, k, v))
     o, to = K.attention_jvp(*mine, tq, tk, tv, scale=0.3, backend=T)
     o_ref, to_ref = attention_jvp_reference(*ref, tq, tk, tv, scale=0.3)
     check(o, o_ref, torch.float32, "cross O")
     check(to, to_ref, torch.float32, "cross tangent")
-    gr = torch.randn(o.shape, generator=g)
+    gr = torch.randn(o.shape, generator=g).to(device)
     for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, gr), torch.autograd.grad(o_ref, ref, gr)):
         check(a, b, torch.float32, f"cross {name}")
 
 
-def test_partial_and_none_tangents():
-    (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=5)
+def test_partial_and_none_tangents(device):
+    (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=5, device=device)
     for keep in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         tans = [t if kp else None for t, kp in zip(tangents, keep)]
         _, to = K.attention_jvp(q, k, v, *tans, backend=T)
@@ -93,14 +92,14 @@ def test_partial_and_none_tangents():
     check(o, attention_reference(q, k, v), torch.float32, "O")
 
 
-def test_meanflow_step_with_torch_func_jvp():
+def test_meanflow_step_with_torch_func_jvp(device):
     """A MeanFlow-style step: u and du/dt by torch.func.jvp through a tiny attention net, then backward."""
     g = torch.Generator().manual_seed(6)
     B, H, S, D = 2, 2, 49, 64
-    w_in = torch.randn(D, 3 * H * D, generator=g) * D ** -0.5
-    w_out = torch.randn(H * D, D, generator=g) * (H * D) ** -0.5
-    z, eps = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
-    t = torch.rand(B, 1, 1, generator=g)
+    w_in = torch.randn(D, 3 * H * D, generator=g).to(device) * D ** -0.5
+    w_out = torch.randn(H * D, D, generator=g).to(device) * (H * D) ** -0.5
+    z, eps = torch.randn(B, S, D, generator=g).to(device), torch.randn(B, S, D, generator=g).to(device)
+    t = torch.rand(B, 1, 1, generator=g).to(device)
 
     def step(backend):
         w = w_in.clone().requires_grad_()
@@ -121,8 +120,8 @@ def test_meanflow_step_with_torch_func_jvp():
         check(a, b, torch.float32, f"MeanFlow {name}")
 
 
-def test_validation():
-    (q, k, v), _ = qkv(1, 2, 5, 64, torch.float32)
+def test_validation(device):
+    (q, k, v), _ = qkv(1, 2, 5, 64, torch.float32, device=device)
     with pytest.raises(ValueError, match="k must have shape"):
         K.attention(q, k[..., :-1], v, backend=T)
     with pytest.raises(ValueError, match="q must have rank 4"):
@@ -134,4 +133,4 @@ def test_validation():
     with pytest.raises(ValueError, match="q must be float32, float16 or bfloat16"):
         K.attention(q.double(), k.double(), v.double(), backend=T)
     with pytest.raises(ValueError, match="head dims up to 256"):
-        K.attention(*(torch.zeros(1, 1, 2, 300) for _ in range(3)), backend=T)
+        K.attention(*(torch.zeros(1, 1, 2, 300, device=device) for _ in range(3)), backend=T)

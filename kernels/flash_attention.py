@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from ._launch import dot_settings, interpreting, kernel_rule, next_power_of_2, saved, tl, triton
-from ._validate import accumulation_dtype, check_tangents, check_tensor
+from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, tl, triton
+from ._validate import accumulation_dtype, check_tangents, check_tensor, detached
 
 
 def _check(q, k, v):
@@ -41,7 +41,8 @@ def _check(q, k, v):
     if k.shape[:2] != (b, h) or k.shape[3] != d:
         raise ValueError(f"k must have shape ({b}, {h}, S_k, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape ({b}, {h}, {k.shape[2]}, Dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"v must have shape ({b}, {h}, {k.shape[2]}, Dv) to match k {tuple(k.shape)}, "
+                         f"got {tuple(v.shape)}")
 
 
 def default_scale(q, scale):
@@ -109,7 +110,7 @@ _BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST"]
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, TQ, TK, TV,         # (B, H, S, D|Dv) inputs and tangents, any strides
-    O, TO, LSE,                  # O, Ȯ: contiguous (B, H, S_q, Dv); LSE: (B, H, S_q) fp32, log2 units
+    Out, TOut, LSE,                 # O, Ȯ: contiguous (B, H, S_q, Dv); LSE: (B, H, S_q) fp32, log2 units
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -142,7 +143,7 @@ def _attn_fwd_kernel(
                      mask=q_mask, other=0.0)
         if UPCAST:
             tq = tq.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: the softmax runs on exp2
+    qk_scale = sm_scale * LOG2E  # log2(e) folded in: the softmax runs on exp2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # Σ e^{s - m}
@@ -196,7 +197,7 @@ def _attn_fwd_kernel(
     out = bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :]
     o_mask = row_ok[:, None] & dv_ok[None, :]
     if STORE_O:
-        tl.store(O + out, o.to(O.dtype.element_ty), mask=o_mask)
+        tl.store(Out + out, o.to(Out.dtype.element_ty), mask=o_mask)
         tl.store(LSE + bh * S_q + rows, m_i + tl.log2(l_i), mask=row_ok)
     if TANGENT_S or HAS_TV:
         o_dot = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -204,12 +205,12 @@ def _attn_fwd_kernel(
             o_dot += acc_sv / l_i[:, None] - (mu / l_i)[:, None] * o
         if HAS_TV:
             o_dot += acc_tv / l_i[:, None]
-        tl.store(TO + out, o_dot.to(TO.dtype.element_ty), mask=o_mask)
+        tl.store(TOut + out, o_dot.to(TOut.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, Delta,                # Delta = rowsum(dO ⊙ O), fp32 (B, H, S_q)
+    Out, DO, Delta,               # Delta = rowsum(dO ⊙ O), fp32 (B, H, S_q)
     stride_dob, stride_doh, stride_dos, stride_dod,
     H, S_q, Dv,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -219,7 +220,7 @@ def _attn_bwd_preprocess_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (rows < S_q)[:, None] & (offs_dv < Dv)[None, :]
-    o = tl.load(O + bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :], mask=mask, other=0.0)
+    o = tl.load(Out + bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
                  mask=mask, other=0.0)
     tl.store(Delta + bh * S_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=rows < S_q)
@@ -256,7 +257,7 @@ def _attn_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for start_m in range(0, S_q, BLOCK_M):
@@ -316,7 +317,7 @@ def _attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, S_k, BLOCK_N):
         cols = start_n + offs_n
@@ -362,8 +363,7 @@ def attention_forward(q, k, v, tq=None, tk=None, tv=None, scale=None, *, store_o
     to = torch.empty((B, H, S_q, Dv), device=q.device, dtype=q.dtype) if tangent else None
     BLOCK_D, BLOCK_DV = _head_blocks(D, Dv)
     UPCAST, PRECISION = dot_settings(q.dtype)
-    grid = lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](
         q, k, v, tq, tk, tv, o, to, lse, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(tq), *_strides(tk), *_strides(tv),
         H, S_q, S_k, D, Dv,
@@ -490,6 +490,5 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, *, backend=None):
     _check_triton(q, k, v, tq, tk, tv)
     if tq is None and tk is None and tv is None:
         return attention(q, k, v, scale, backend=backend), None
-    detach = lambda t: None if t is None else t.detach()
-    o, to, _ = AttentionJVPFunction.apply(q, k, v, detach(tq), detach(tk), detach(tv), scale)
+    o, to, _ = AttentionJVPFunction.apply(q, k, v, detached(tq), detached(tk), detached(tv), scale)
     return o, to
