@@ -11,6 +11,7 @@ below are still *defined* (the decorators become no-ops) but never launched, bec
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -82,6 +83,36 @@ def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
         return t
     return t.contiguous()
+
+
+# Shared memory per block (opt-in maximum, bytes) that config pruning assumes when no GPU is visible, and
+# the override the compile report (``aot.py``) sets per target arch.
+DEFAULT_SMEM_BUDGET = 163 * 1024  # A100; H100 has 227 KB
+_smem_override: list[int] = []
+
+
+@contextlib.contextmanager
+def smem_budget_override(nbytes: int):
+    _smem_override.append(nbytes)
+    try:
+        yield
+    finally:
+        _smem_override.pop()
+
+
+def smem_budget() -> int:
+    """Shared memory a block may use on the current device (the override inside ``smem_budget_override``)."""
+    if _smem_override:
+        return _smem_override[-1]
+    if torch.cuda.is_available():
+        return _smem_optin(torch.cuda.current_device())
+    return DEFAULT_SMEM_BUDGET
+
+
+@functools.cache
+def _smem_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM_BUDGET))
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, tl, triton
+from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, smem_budget, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor, detached
 
 
@@ -97,20 +97,76 @@ def _configs(pairs):
     return configs[:1] if interpreting() else configs
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The tangent variant keeps three [BLOCK_M, BLOCK_DV]
-# fp32 accumulators instead of one, so the smaller tiles are in the list for it and for head dim 128.
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                         (64, 32, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 2)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The tangent variants keep a second [BLOCK_M, BLOCK_DV] fp32
+# accumulator and ṡ next to s, so they need the 8-warp and the small tiles; pruning keeps per flag set only
+# the configs whose registers and shared memory fit (``_prune_fwd``), the compile report proves it.
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+                         (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)])
+_DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2),
+                          (32, 64, 8, 2), (32, 32, 4, 2)])
+_DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+                        (32, 32, 4, 2)])
 _FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST"]
 _BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST"]
+# Registers per thread the live fp32 values of a tile may take before a config is pruned (of 255; the
+# rest goes to addresses, masks and the compiler's temporaries). Calibrated on the compile report.
+_REG_BUDGET = 160
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY)
+def _operand_bytes(meta):
+    return 4 if meta["UPCAST"] else 2
+
+
+def _fwd_footprint(config, meta):
+    """(registers per thread, shared memory bytes) a forward config needs, estimated from its tiles."""
+    M, N = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    D, DV, es = meta["BLOCK_D"], meta["BLOCK_DV"], _operand_bytes(meta)
+    threads = 32 * config.num_warps
+    tangent_s = meta["HAS_TQ"] or meta["HAS_TK"]
+    tangent = tangent_s or meta["HAS_TV"]
+    accumulators = (1 + tangent) * M * DV                        # Σ e^{s-m} v, Σ e^{s-m}(ṡ v + v̇)
+    operands = (1 + meta["HAS_TQ"]) * M * D * es / 4             # q, q̇ stay in registers
+    tiles = (2 + 2 * tangent_s) * M * N                          # s, p (+ ṡ, p·ṡ)
+    regs = (accumulators + operands + tiles) / threads
+    streamed = N * (D + DV + meta["HAS_TK"] * D + meta["HAS_TV"] * DV) * es
+    smem = max(config.num_stages - 1, 1) * streamed + M * N * es * (1 + tangent_s)
+    return regs, smem
+
+
+def _bwd_footprint(config, meta, owner):
+    """Same for the backward kernels; ``owner`` is "kv" (dK, dV per key block) or "q" (dQ per query block)."""
+    M, N = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    D, DV, es = meta["BLOCK_D"], meta["BLOCK_DV"], _operand_bytes(meta)
+    threads = 32 * config.num_warps
+    if owner == "kv":
+        held = N * (D + DV) * (1 + es / 4)                       # dK, dV accumulators; K, V operands
+        streamed = M * (D + DV) * es
+    else:
+        held = M * D * (1 + es / 4) + M * DV * es / 4            # dQ accumulator; Q, dO operands
+        streamed = N * (D + DV) * es
+    regs = (held + 3 * M * N) / threads                          # s/p, dp, ds
+    smem = max(config.num_stages - 1, 1) * streamed + 2 * M * N * es
+    return regs, smem
+
+
+def _pruner(footprint):
+    """``early_config_prune`` keeping the configs whose estimated registers and shared memory fit.
+
+    Never empty: if nothing fits, the config with the smallest register estimate stays (and the compile
+    report fails the launch case)."""
+    def prune(configs, named_args, **kwargs):
+        meta = {**named_args, **kwargs}
+        sized = [(c, *footprint(c, meta)) for c in configs]
+        kept = [c for c, regs, smem in sized if regs <= _REG_BUDGET and smem <= smem_budget()]
+        return kept or [min(sized, key=lambda t: t[1])[0]]
+    return prune
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _pruner(_fwd_footprint)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, TQ, TK, TV,         # (B, H, S, D|Dv) inputs and tangents, any strides
-    Out, TOut, LSE,                 # O, Ȯ: contiguous (B, H, S_q, Dv); LSE: (B, H, S_q) fp32, log2 units
+    Out, TOut, LSE,              # O, Ȯ: contiguous (B, H, S_q, Dv); LSE: (B, H, S_q) fp32, log2 units
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -138,6 +194,7 @@ def _attn_fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     TANGENT_S: tl.constexpr = HAS_TQ or HAS_TK
+    TANGENT: tl.constexpr = TANGENT_S or HAS_TV
     if HAS_TQ:
         tq = tl.load(TQ + b * stride_tqb + h * stride_tqh + rows[:, None] * stride_tqs + offs_d[None, :] * stride_tqd,
                      mask=q_mask, other=0.0)
@@ -148,11 +205,11 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # Σ e^{s - m}
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # Σ e^{s - m} v
+    if TANGENT:
+        # Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ share their rescale: one accumulator holds their sum
+        acc_t = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if TANGENT_S:
-        mu = tl.zeros([BLOCK_M], dtype=tl.float32)               # Σ e^{s - m} ṡ
-        acc_sv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # Σ e^{s - m} ṡ v
-    if HAS_TV:
-        acc_tv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # Σ e^{s - m} v̇
+        mu = tl.zeros([BLOCK_M], dtype=tl.float32)             # Σ e^{s - m} ṡ
     for start_n in range(0, S_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S_k
@@ -171,40 +228,46 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if TANGENT:
+            acc_t = acc_t * alpha[:, None]
         if TANGENT_S:
-            s_dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_TQ:
-                s_dot += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
-            if HAS_TK:
+                s_dot = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+                if HAS_TK:
+                    tk = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tks
+                                 + offs_d[None, :] * stride_tkd, mask=k_mask, other=0.0)
+                    if UPCAST:
+                        tk = tk.to(tl.float32)
+                    s_dot = tl.dot(q, tl.trans(tk), s_dot, input_precision=PRECISION)
+            else:
                 tk = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tks
                              + offs_d[None, :] * stride_tkd, mask=k_mask, other=0.0)
                 if UPCAST:
                     tk = tk.to(tl.float32)
-                s_dot += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
+                s_dot = tl.dot(q, tl.trans(tk), input_precision=PRECISION)
             p_sdot = p * (s_dot * sm_scale)  # ṡ in natural units, as in the formula for Ȯ
             mu = mu * alpha + tl.sum(p_sdot, axis=1)
-            acc_sv = acc_sv * alpha[:, None] + tl.dot(p_sdot.to(v.dtype), v, input_precision=PRECISION)
+            acc_t = tl.dot(p_sdot.to(v.dtype), v, acc_t, input_precision=PRECISION)
         if HAS_TV:
             tv = tl.load(TV + b * stride_tvb + h * stride_tvh + cols[:, None] * stride_tvs
                          + offs_dv[None, :] * stride_tvd, mask=v_mask, other=0.0)
             if UPCAST:
                 tv = tv.to(tl.float32)
-            acc_tv = acc_tv * alpha[:, None] + tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+            acc_t = tl.dot(p.to(tv.dtype), tv, acc_t, input_precision=PRECISION)
         m_i = m_new
 
-    o = acc / l_i[:, None]
+    inv_l = 1.0 / l_i
+    o = acc * inv_l[:, None]
     out = bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :]
     o_mask = row_ok[:, None] & dv_ok[None, :]
     if STORE_O:
         tl.store(Out + out, o.to(Out.dtype.element_ty), mask=o_mask)
         tl.store(LSE + bh * S_q + rows, m_i + tl.log2(l_i), mask=row_ok)
-    if TANGENT_S or HAS_TV:
-        o_dot = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if TANGENT:
+        o_dot = acc_t * inv_l[:, None]
         if TANGENT_S:
-            o_dot += acc_sv / l_i[:, None] - (mu / l_i)[:, None] * o
-        if HAS_TV:
-            o_dot += acc_tv / l_i[:, None]
+            o_dot -= (mu * inv_l)[:, None] * o
         tl.store(TOut + out, o_dot.to(TOut.dtype.element_ty), mask=o_mask)
 
 
@@ -226,7 +289,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + bh * S_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=rows < S_q)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_BWD_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_BWD_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "kv"))})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta,     # saved inputs, incoming dO (any strides), saved LSE, Delta
@@ -274,17 +338,18 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=PRECISION)
     out_k = bh * S_k * D + cols[:, None] * D + offs_d[None, :]
     out_v = bh * S_k * Dv + cols[:, None] * Dv + offs_dv[None, :]
     tl.store(DK + out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
     tl.store(DV + out_v, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_BWD_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_BWD_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "q"))})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta,
@@ -333,7 +398,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     out = bh * S_q * D + rows[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
