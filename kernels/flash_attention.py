@@ -27,7 +27,11 @@ first. Autograd: ``AttentionFunction`` (its ``jvp`` rule launches the tangent va
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from ._dispatch import use_triton
 from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, smem_budget, tl, triton
@@ -537,12 +541,75 @@ def _check_triton(q, k, v, *tangents):
         raise ValueError(f"q and k must have at least one token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The primal fast path: SDPA (or flash-attn) on CUDA when no tangent is needed
+# ----------------------------------------------------------------------------------------------
+
+PRIMAL_IMPLS = ("sdpa", "flash_attn", "triton")
+
+
+def _on_cuda(t) -> bool:
+    return t.device.type == "cuda"
+
+
+def _needs_tangent(*tensors) -> bool:
+    """True when forward-mode AD may ask ``attention`` for a tangent: an input is a dual tensor
+    (``forward_ad``, ``torch.func.jvp``) or lives inside a ``torch.func`` transform (whose levels may
+    carry tangents that ``unpack_dual`` at this level does not see)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+    return any(is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return flash_attn_func
+
+
+def primal_impl(q, k, v, backend=None) -> str:
+    """What ``attention(q, k, v)`` runs: "reference", "triton" (the JVP kernel), "sdpa" or "flash_attn".
+
+    Rule: the reference off the Triton path (``use_triton``); on CUDA, with no tangent needed, SDPA's
+    flash/efficient backends (they take head dim 72 as is) — or flash-attn when ``FREEFLOW_ATTENTION=flash_attn``
+    and it is installed and takes these inputs; the JVP kernel when a tangent may be needed, off CUDA
+    (the interpreter) or with ``FREEFLOW_ATTENTION=triton``.
+    """
+    if not use_triton(q, k, v, backend=backend):
+        return "reference"
+    if not _on_cuda(q) or _needs_tangent(q, k, v):
+        return "triton"
+    choice = os.environ.get("FREEFLOW_ATTENTION", "sdpa").strip().lower() or "sdpa"
+    if choice not in PRIMAL_IMPLS:
+        raise ValueError(f"FREEFLOW_ATTENTION must be one of {PRIMAL_IMPLS}, got {choice!r}")
+    if choice == "flash_attn":
+        usable = (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
+                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+        return "flash_attn" if usable and _flash_attn_func() is not None else "sdpa"
+    return choice
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _flash_attn(q, k, v, scale):
+    o = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    return o.transpose(1, 2)
+
+
 def attention(q, k, v, scale=None, *, backend=None):
     """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` (no mask, no dropout)."""
     _check(q, k, v)
-    if not use_triton(q, k, v, backend=backend):
+    impl = primal_impl(q, k, v, backend)
+    if impl == "reference":
         return attention_reference(q, k, v, scale)
     _check_triton(q, k, v)
+    if impl == "sdpa":
+        return _sdpa(q, k, v, default_scale(q, scale))
+    if impl == "flash_attn":
+        return _flash_attn(q, k, v, default_scale(q, scale))
     return AttentionFunction.apply(q, k, v, scale)[0]
 
 

@@ -134,3 +134,49 @@ def test_validation(device):
         K.attention(q.double(), k.double(), v.double(), backend=T)
     with pytest.raises(ValueError, match="head dims up to 256"):
         K.attention(*(torch.zeros(1, 1, 2, 300, device=device) for _ in range(3)), backend=T)
+
+
+def test_primal_fast_path_dispatch(device, monkeypatch):
+    """On CUDA (faked here), SDPA runs exactly when no tangent can be asked for; the JVP kernel otherwise."""
+    import torch.autograd.forward_ad as fwAD
+
+    import freeflow.kernels.flash_attention as fa
+    calls = []
+
+    def fake_sdpa(q, k, v, scale):
+        calls.append("sdpa")
+        return attention_reference(q, k, v, scale)
+
+    (q, k, v), tangents = qkv(1, 2, 49, 72, torch.float32, seed=7, device=device)
+    assert fa.primal_impl(q, k, v) == ("sdpa" if device.type == "cuda" else "triton")  # real device decision
+    assert fa.primal_impl(q, k, v, backend="reference") == "reference"
+    monkeypatch.setattr(fa, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(fa, "_sdpa", fake_sdpa)
+    assert fa.primal_impl(q, k, v) == "sdpa"
+    check(K.attention(q, k, v), attention_reference(q, k, v), torch.float32, "O via SDPA")
+    assert calls == ["sdpa"]
+    _, to = K.attention_jvp(q, k, v, None, None, None)  # no tangent: the primal fast path
+    assert to is None and calls == ["sdpa"] * 2
+    # any tangent → the JVP kernel, never SDPA
+    _, to = K.attention_jvp(q, k, v, *tangents)
+    _, to_func = torch.func.jvp(attention_reference, (q, k, v), tangents)
+    check(to, to_func, torch.float32, "fused tangent")
+    _, to = torch.func.jvp(K.attention, (q, k, v), tangents)
+    check(to, to_func, torch.float32, "torch.func.jvp tangent")
+    _, to_q = torch.func.jvp(attention_reference, (q, k, v), (tangents[0], *map(torch.zeros_like, (k, v))))
+    with fwAD.dual_level():
+        dual = K.attention(fwAD.make_dual(q, tangents[0]), k, v)
+        check(fwAD.unpack_dual(dual).tangent, to_q, torch.float32, "forward_ad tangent")
+        assert fa.primal_impl(q, k, v) == "sdpa"  # a dual level without duals on q, k, v needs no tangent
+    assert calls == ["sdpa"] * 2
+    monkeypatch.setenv("FREEFLOW_ATTENTION", "triton")
+    assert fa.primal_impl(q, k, v) == "triton"
+    monkeypatch.setenv("FREEFLOW_ATTENTION", "flash_attn")
+    monkeypatch.setattr(fa, "_flash_attn_func", lambda: None)  # chosen but not installed → SDPA
+    assert fa.primal_impl(q.half(), k.half(), v.half()) == "sdpa"
+    monkeypatch.setattr(fa, "_flash_attn_func", lambda: object())
+    assert fa.primal_impl(q.half(), k.half(), v.half()) == "flash_attn"
+    assert fa.primal_impl(q, k, v) == "sdpa"  # flash-attn takes fp16/bf16 only
+    monkeypatch.setenv("FREEFLOW_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="FREEFLOW_ATTENTION"):
+        fa.primal_impl(q, k, v)
