@@ -10,7 +10,7 @@ device-independent (the Triton path runs in the interpreter on CPU, ``TRITON_INT
 """
 import pytest
 import torch
-from launches import count_launches, device_and_backends, saved_activation_bytes
+from launches import count_launches, device_and_backends, saved_activation_bytes, time_run
 
 import freeflow.kernels as K
 from freeflow.models import DiT
@@ -28,7 +28,8 @@ def _setup(device):
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     g = torch.Generator().manual_seed(1)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device)
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(device)
     x, y = rnd(N, S, HIDDEN), rnd(N, S, HIDDEN)
     c, nxt = rnd(N, HIDDEN), rnd(N, 2 * HIDDEN)
     tangents = [rnd(N, S, HIDDEN), rnd(N, S, HIDDEN), rnd(N, HIDDEN), rnd(N, 2 * HIDDEN)]
@@ -88,4 +89,4 @@ def test_block_forward_jvp_backward(benchmark, backend):
     print(f"  Triton kernels: {dict(counts['triton'])}")
     print(f"  ATen ops: {dict(sorted(counts['aten'].items(), key=lambda kv: -kv[1]))}")
     rounds = 1 if device == "cpu" and backend == "triton" else 5  # the interpreter is slow
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    time_run(benchmark, run, f"block {backend}", rounds=rounds)

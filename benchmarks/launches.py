@@ -107,6 +107,29 @@ def device_and_backends():
     return device, ["reference"] + (["triton"] if triton_ok else [])
 
 
+def gpu_ms(fn, warmup=25, rep=100) -> float:
+    """Median GPU execution time of ``fn`` in ms: ``triton.testing.do_bench`` (CUDA events around many
+    calls after a synchronize, L2 flushed between them), not the time to enqueue the launches."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_run(benchmark, run, label, rounds=5):
+    """Time ``run``: on CUDA the GPU execution time by ``gpu_ms`` (recorded in ``extra_info['gpu_ms']``)
+    and pytest-benchmark rounds that each end in a synchronize; on CPU plain wall time."""
+    if torch.cuda.is_available():
+        ms = gpu_ms(run)
+        benchmark.extra_info["gpu_ms"] = ms
+        print(f"[{label}] GPU time {ms:.3f} ms (do_bench median)")
+
+        def synced():
+            run()
+            torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+    return benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
 def measure(benchmark, label, forward, run, exclude=()):
     """Warm up, record launches and saved activation bytes in ``extra_info``, print them, time ``run``.
 
@@ -122,5 +145,5 @@ def measure(benchmark, label, forward, run, exclude=()):
     print(f"\n[{label}] launches {info['triton_launches']} Triton + {info['aten_launches']} ATen; "
           f"activations saved for backward {saved / 2**20:.2f} MiB")
     slow = not torch.cuda.is_available() and "triton" in label  # the interpreter: one round is plenty
-    benchmark.pedantic(run, rounds=1 if slow else 5, iterations=1, warmup_rounds=0)
+    time_run(benchmark, run, label, rounds=1 if slow else 5)
     return info
