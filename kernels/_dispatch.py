@@ -7,6 +7,7 @@ takes ``backend=`` to override it per call (the models pass their own ``backend`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -24,9 +25,24 @@ def triton_available() -> bool:
     return True
 
 
+_gpu_settings: list[bool] = []
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read at ``import triton``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read at ``import triton``)
+    and launch settings are not forced to the GPU ones (``gpu_launch_settings``)."""
+    return not _gpu_settings and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def gpu_launch_settings():
+    """Launch wrappers pick their GPU tiles, warps and dot settings inside this block, even under the
+    interpreter: the compile report (``aot``) records launches this way."""
+    _gpu_settings.append(True)
+    try:
+        yield
+    finally:
+        _gpu_settings.pop()
 
 
 def check_backend(backend: str | None, name: str = "backend") -> str:

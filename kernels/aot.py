@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from ._dispatch import gpu_launch_settings
+
 # Shared memory per block (opt-in maximum) in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCH_NAME = {80: "sm_80 (A100)", 90: "sm_90 (H100)"}
@@ -66,9 +68,19 @@ def _kernels():
             for m in mods for name in dir(m) if name.endswith("_kernel") and hasattr(getattr(m, name), "run")}
 
 
+_JIT: dict = {}
+
+
 def jit_function(kernel):
-    """The JITFunction under an Autotuner (or the kernel itself)."""
-    while not hasattr(kernel, "arg_names") or not hasattr(kernel, "params"):
+    """The JITFunction under an Autotuner (or the kernel itself). Under ``TRITON_INTERPRET=1`` kernels are
+    InterpretedFunctions: a JITFunction of the same Python function is built so that launches can still be
+    recorded and typed (compiling needs the interpreter off: it patches ``triton.language``)."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):
+        if type(kernel).__name__ == "InterpretedFunction":
+            if id(kernel) not in _JIT:
+                _JIT[id(kernel)] = JITFunction(kernel.fn)
+            return _JIT[id(kernel)]
         kernel = kernel.fn
     return kernel
 
@@ -92,7 +104,8 @@ def recording():
     for k in kernels.values():
         k.run = recorder(k)
     try:
-        yield launches
+        with gpu_launch_settings():
+            yield launches
     finally:
         for k in kernels.values():
             del k.run  # back to the class's run
@@ -397,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="all dtypes, head dims 64/72/128, hidden 384-1152")
     p.add_argument("--all-configs", action="store_true", help="compile every config (resource table)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
-    p.add_argument("--json", default=None, help="write the rows (every compiled config) to this file")
+    p.add_argument("--json", default=None, help="write the rows (every compiled config) to this file ('-': none)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--match", default=None, help="only launch cases whose label matches this regular expression")
     args = p.parse_args(argv)
@@ -405,7 +418,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = run(args.arch, full=args.full, all_configs=args.all_configs, jobs=args.jobs, match=args.match)
     print(format_table(rows, markdown=args.markdown))
-    if args.json:
+    if args.json and args.json != "-":
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1, default=str)
     bad = failures(rows, args.all_configs)

@@ -1,0 +1,98 @@
+"""The compile report and gate (kernels.aot): launch recording, pruning, cuobjdump parsing, the clean-config rule,
+and one real compile for sm_90."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from freeflow.kernels import aot
+from freeflow.kernels import flash_attention as fa
+from freeflow.kernels._launch import smem_budget, smem_budget_override
+
+SAMPLE = """
+Resource usage:
+ Common:
+  GLOBAL:11 CONSTANT[4]:8
+ Function _attn_fwd_kernel:
+  REG:255 STACK:1936 SHARED:1024 LOCAL:8 CONSTANT[0]:736 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_parse_res_usage():
+    assert aot.parse_res_usage(SAMPLE) == dict(regs=255, spill=1944, static_smem=1024)
+    clean = SAMPLE.replace("STACK:1936", "STACK:0").replace("LOCAL:8", "LOCAL:0")
+    assert aot.parse_res_usage(clean)["spill"] == 0
+    with pytest.raises(ValueError, match="no resource line"):
+        aot.parse_res_usage("Resource usage:\n")
+
+
+def test_clean_means_no_spill_and_fits_shared_memory():
+    limit = aot.SMEM_LIMIT[80]
+    assert aot.is_clean(dict(regs=200, spill=0, smem=limit), limit)
+    assert not aot.is_clean(dict(regs=255, spill=8, smem=1024), limit)
+    assert not aot.is_clean(dict(regs=128, spill=0, smem=limit + 1), limit)
+    assert not aot.is_clean(dict(error="OutOfResources", seconds=1.0), limit)
+    rows = [dict(clean=1, overflow_kept=0), dict(clean=0, overflow_kept=0), dict(clean=2, overflow_kept=1)]
+    assert aot.failures(rows) == [rows[1]]
+    assert aot.failures(rows, all_configs=True) == [rows[1], rows[2]]
+
+
+def _meta(**flags):
+    base = dict(HAS_TQ=False, HAS_TK=False, HAS_TV=False, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
+    return {**base, **flags}
+
+
+def test_pruning_drops_configs_that_cannot_fit_and_never_empties():
+    import triton
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in [(128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)]]
+    prune = fa._pruner(fa._fwd_footprint)
+    tangent = _meta(HAS_TQ=True, HAS_TK=True, HAS_TV=True)
+    kept = prune(configs, tangent)
+    assert configs[0] not in kept and configs[2] in kept  # 2 fp32 accumulators of 128×128 in 128 threads
+    primal = prune(configs, _meta())
+    assert len(primal) > len(kept)  # the primal variant keeps more configs than the tangent one
+    with smem_budget_override(1024):  # nothing fits 1 KB: the smallest-register config stays
+        assert smem_budget() == 1024
+        assert prune(configs, tangent) == [configs[3]]
+    assert smem_budget() == (aot.SMEM_LIMIT[80] if not torch.cuda.is_available() else smem_budget())
+
+
+def test_recorded_launches_are_what_dispatch_launches():
+    launches = aot.attention_launches(torch.bfloat16, 72)
+    names = [la.kernel for la in launches]
+    assert names.count(fa._attn_fwd_kernel) == 1 + 7 * 2 and names.count(fa._attn_bwd_dq_kernel) == 1
+    flags = [aot.flags_of(la) for la in launches if la.kernel is fa._attn_fwd_kernel]
+    assert {(f["HAS_TQ"], f["HAS_TK"], f["HAS_TV"], f["STORE_O"]) for f in flags} == (
+        {(False, False, False, True)} | {(a, b, c, s) for a in (0, 1) for b in (0, 1) for c in (0, 1)
+                                         for s in (True, False) if a or b or c})
+    assert all(f["BLOCK_D"] == 128 and f["UPCAST"] is False for f in flags)  # GPU settings: bf16 on the tensor cores
+    adaln = aot.adaln_launches(torch.bfloat16, 1152)
+    fwd = {tuple(sorted(k for k, v in aot.flags_of(la).items() if v is True)) for la in adaln
+           if "fwd" in la.kernel.fn.__name__ if hasattr(la.kernel, "fn")} or None
+    assert len(adaln) == 8 + 8 + 32 + 4 and (fwd is None or len(fwd) == 48)
+    assert len(aot.gelu_launches(torch.bfloat16, 4608)) == 10
+
+
+def test_sweep_covers_every_kernel():
+    labels = {aot.case_label(name, "", la).split()[0] for name, k in aot._kernels().items()
+              for _, la in aot.sweep(full=False) if la.kernel is k}
+    assert labels == set(aot._kernels())
+
+
+def test_gate_cli_compiles_for_sm90():
+    """End to end in a fresh process (the interpreter off): one small kernel compiled for sm_90, resources read
+    back from the cubin, exit status 0; an unknown arch is a usage error (2)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, "-m", "freeflow.kernels.aot", "--arch", "90", "--jobs", "1",
+           "--match", r"preprocess.*Dh=64", "--json", "-"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if "_attn_bwd_preprocess_kernel" in x)
+    cells = line.split()
+    assert "sm_90" in cells and "1/1/1" in cells, line
+    assert "1 with a config that fits and spills nothing, 0 without" in out.stdout
+    bad = subprocess.run(cmd[:3] + ["--arch", "75"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
