@@ -348,7 +348,7 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
 
         queues = {id(r): list(c) for r, _, c, _ in pending}
         for row, launch, _, cc in pending:
-            batch = queues[id(row)] if all_configs else queues[id(row)][:1]
+            batch = list(queues[id(row)]) if all_configs else queues[id(row)][:1]
             for cfg in batch:
                 queues[id(row)].remove(cfg)
                 submit(row, launch, cfg, cc)

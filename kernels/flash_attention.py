@@ -105,16 +105,18 @@ def _configs(pairs):
 # accumulator and ṡ next to s, so they need the 8-warp and the small tiles; pruning keeps per flag set only
 # the configs whose registers and shared memory fit (``_prune_fwd``), the compile report proves it.
 _FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
-                         (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)])
+                         (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
+                         (64, 32, 8, 1), (32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 16, 8, 2)])
 _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2),
                           (32, 64, 8, 2), (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                         (32, 32, 4, 2)])
 _FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST"]
 _BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST"]
-# Registers per thread the live fp32 values of a tile may take before a config is pruned (of 255; the
-# rest goes to addresses, masks and the compiler's temporaries). Calibrated on the compile report.
-_REG_BUDGET = 160
+# Estimated live values per thread (``_fwd_footprint``/``_bwd_footprint``) above which a config is pruned.
+# Calibrated on the compile report (python -m freeflow.kernels.aot): the tangent forward's extra dots and
+# operands cost more than the estimate counts, so its budget is lower.
+_REG_BUDGET = {"fwd": 128, "fwd_tangent": 80, "bwd": 176}
 
 
 def _operand_bytes(meta):
@@ -153,7 +155,7 @@ def _bwd_footprint(config, meta, owner):
     return regs, smem
 
 
-def _pruner(footprint):
+def _pruner(footprint, kind):
     """``early_config_prune`` keeping the configs whose estimated registers and shared memory fit.
 
     Never empty: if nothing fits, the config with the smallest register estimate stays (and the compile
@@ -161,12 +163,15 @@ def _pruner(footprint):
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         sized = [(c, *footprint(c, meta)) for c in configs]
-        kept = [c for c, regs, smem in sized if regs <= _REG_BUDGET and smem <= smem_budget()]
+        tangent = kind == "fwd" and (meta["HAS_TQ"] or meta["HAS_TK"] or meta["HAS_TV"])
+        budget = _REG_BUDGET["fwd_tangent" if tangent else kind]
+        kept = [c for c, regs, smem in sized if regs <= budget and smem <= smem_budget()]
         return kept or [min(sized, key=lambda t: t[1])[0]]
     return prune
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _pruner(_fwd_footprint)})
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_fwd_footprint, "fwd")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, TQ, TK, TV,         # (B, H, S, D|Dv) inputs and tangents, any strides
@@ -294,7 +299,7 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_BWD_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "kv"))})
+                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "kv"), "bwd")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta,     # saved inputs, incoming dO (any strides), saved LSE, Delta
@@ -353,7 +358,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_BWD_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "q"))})
+                 prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "q"), "bwd")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta,
