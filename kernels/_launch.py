@@ -139,7 +139,7 @@ def row_tiles(C: int, S: int) -> tuple[int, int, int]:
     budget = 16384 if interpreting() else 4096
     BLOCK_S = max(1, min(next_power_of_2(S), budget // BLOCK_C))
     values = BLOCK_S * BLOCK_C
-    num_warps = 4 if values <= 2048 else 8 if values <= 8192 else 16
+    num_warps = 4 if values <= 1024 else 8 if values <= 2048 else 16  # ≤ 8 fp32 values per thread and tensor
     return BLOCK_S, BLOCK_C, num_warps
 
 
