@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 OP = "freeflow::velocity_alignment"
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# The C++/CUDA sources ship inside the package (freeflow/csrc: a link to the top-level csrc/ in a checkout,
+# copied files in a wheel), so the JIT fallback also works from an installed, non-editable package.
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 @dataclass

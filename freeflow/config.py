@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 
 from .distill import DistillConfig
-from .kernels._dispatch import BACKENDS
+from .kernels import check_backend
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TrainConfig:
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("aux", self.aux, ("full", "lora"))
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
-        _choice("backend", self.backend, BACKENDS)
+        check_backend(self.backend, "--backend")
         _choice("teacher_family", self.teacher_family, ("", "sit", "repa", "freeflow", "internal"))
         if PRESETS[self.preset].get("needs_teacher_ckpt") and not self.teacher_ckpt:
             raise ValueError(f"--preset {self.preset} needs --teacher-ckpt PATH (an official checkpoint file)")

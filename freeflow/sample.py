@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .distill import TeacherAdapter
+from .distributed import init_processes
 from .models import FlowMapStudent, load_checkpoint
 from .viz import save_grid, to_uint8
 
@@ -52,7 +53,8 @@ def build_parser():
 
 def validate(a):
     if a.n < 1 or a.batch_size < 1 or a.steps < 1:
-        raise ValueError(f"--num-samples, --batch-size and --steps must be positive, got {a.n}, {a.batch_size}, {a.steps}")
+        raise ValueError("--num-samples, --batch-size and --steps must be positive, "
+                         f"got {a.n}, {a.batch_size}, {a.steps}")
     if a.mode in ("student", "handoff") and not a.student:
         raise ValueError(f"--mode {a.mode} needs --student PATH")
     if a.mode in ("teacher", "handoff") and not a.teacher:
@@ -83,20 +85,15 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, z, y):
-        from .solvers import solve
-
         a = self.a
         gw = torch.full((z.shape[0],), a.gw, device=z.device)
         if a.mode == "student":
             return self.student.sample(z, y, gw)
-        lo, hi = a.guidance_interval
-        field = self.teacher.field(y, gw, lo, hi)
-        steps = None if a.solver == "dopri5" else a.steps
+        solver = dict(method=a.solver, steps=a.steps, interval=tuple(a.guidance_interval))
         if a.mode == "teacher":
-            return solve(field, z, a.solver, steps)
-        delta = torch.full_like(gw, a.delta)
-        x = self.student.sample(z, y, gw, delta=delta)
-        return solve(field, x, a.solver, steps, t_start=1.0 - a.delta)
+            return self.teacher.sample(z, y, gw, **solver)
+        x = self.student.sample(z, y, gw, delta=torch.full_like(gw, a.delta))
+        return self.teacher.sample(x, y, gw, t_start=1.0 - a.delta, **solver)
 
 
 def decode(x, vae):
@@ -124,11 +121,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"python -m freeflow.sample: error: {e}", file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    procs = init_processes()
+    device, rank, world = procs.device, procs.rank, procs.world
     sampler = Sampler(a, device)
     vae = load_vae(a.vae, device)
     cfg = sampler.config
@@ -138,7 +132,7 @@ def main(argv=None) -> int:
     z_all = torch.randn(a.n, *shape, generator=g)
     y_all = (torch.full((a.n,), a.class_label) if a.class_label >= 0
              else torch.randint(0, cfg.num_classes, (a.n,), generator=g))
-    mine = torch.arange(rank, a.n, world)
+    mine = procs.rows(a.n)
     parts = []
     for i in range(0, len(mine), a.batch_size):
         idx = mine[i: i + a.batch_size]
@@ -157,8 +151,7 @@ def main(argv=None) -> int:
             arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
             np.savez(a.npz, arr_0=arr)
         print(f"[freeflow] wrote {a.n} samples: {', '.join(p for p in (a.png, a.npz) if p)}")
-    if world > 1:
-        dist.destroy_process_group()
+    procs.close()
     return 0
 
 

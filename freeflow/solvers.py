@@ -1,4 +1,4 @@
-"""Sampling ODE solvers in the internal convention: integrate ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0`` (data).
+"""Sampling ODE solvers in the internal convention: ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0`` (data).
 
 Every solver takes a velocity callable ``v(x, t)`` with ``x`` shaped like ``z`` and ``t`` a ``(N,)`` tensor
 (one time per row, dtype and device of ``z``), and returns the sample at ``t = 0``. They run under

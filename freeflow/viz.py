@@ -1,10 +1,12 @@
 """PNG output: image grids (PIL) and loss curves (matplotlib, optional)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
+
+from .runlog import read_metrics
+
+TITLE_HEIGHT = 16  # pixels above a grid for its title (PIL's default bitmap font is 11 px high)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -27,10 +29,17 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str, nrow: int, title: str | None = None) -> None:
+    """A PNG grid of ``images`` (N, C, H, W) in [-1, 1], ``nrow`` per row, with an optional title strip."""
+    from PIL import Image, ImageDraw
 
-    Image.fromarray(image_grid(images, nrow)).save(path)
+    grid = Image.fromarray(image_grid(images, nrow))
+    if title:
+        canvas = Image.new("RGB", (grid.width, grid.height + TITLE_HEIGHT), "white")
+        canvas.paste(grid, (0, TITLE_HEIGHT))
+        ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
+        grid = canvas
+    grid.save(path)
 
 
 def plot_losses(metrics_path: str, path: str, keys=("pred_loss", "corr_loss", "aux_loss")) -> bool:
@@ -42,8 +51,7 @@ def plot_losses(metrics_path: str, path: str, keys=("pred_loss", "corr_loss", "a
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    rows = [r for r in rows if "step" in r and all(k in r for k in keys)]
+    rows = [r for r in read_metrics(metrics_path) if "step" in r and all(k in r for k in keys)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
     for ax, k in zip(np.atleast_1d(axes), keys):
         ax.plot([r["step"] for r in rows], [r[k] for r in rows])

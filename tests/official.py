@@ -26,8 +26,10 @@ def official_state_dict(*, hidden=64, depth=2, heads=4, patch=2, in_ch=4, size=8
         "pos_embed": torch.from_numpy(pos_embed_2d(hidden, size // patch)).float().unsqueeze(0),
         "x_embedder.proj.weight": r(hidden, in_ch, patch, patch), "x_embedder.proj.bias": r(hidden),
         "y_embedder.embedding_table.weight": r(num_classes + 1, hidden),
-        "final_layer.linear.weight": r(patch * patch * out_ch, hidden), "final_layer.linear.bias": r(patch * patch * out_ch),
-        "final_layer.adaLN_modulation.1.weight": r(2 * hidden, hidden), "final_layer.adaLN_modulation.1.bias": r(2 * hidden),
+        "final_layer.linear.weight": r(patch * patch * out_ch, hidden),
+        "final_layer.linear.bias": r(patch * patch * out_ch),
+        "final_layer.adaLN_modulation.1.weight": r(2 * hidden, hidden),
+        "final_layer.adaLN_modulation.1.bias": r(2 * hidden),
     }
     for name in ("t_embedder",) + tuple(extra_embedders):
         sd.update({f"{name}.mlp.0.weight": r(hidden, freq), f"{name}.mlp.0.bias": r(hidden),
@@ -77,6 +79,31 @@ def _modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def functional_block(b, h, cond, *, heads, qk_norm=False):
+    """The published DiTBlock forward on one block's state dict ``b`` (keys without ``blocks.i.``)."""
+    n, _, d = h.shape
+    mod = F.linear(F.silu(cond), b["adaLN_modulation.1.weight"], b["adaLN_modulation.1.bias"])
+    sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+    a = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh1, sc1)
+    qkv = F.linear(a, b["attn.qkv.weight"], b["attn.qkv.bias"]).reshape(n, -1, 3, heads, d // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    if qk_norm:
+        q = F.layer_norm(q, (d // heads,), b["attn.q_norm.weight"], b["attn.q_norm.bias"])
+        k = F.layer_norm(k, (d // heads,), b["attn.k_norm.weight"], b["attn.k_norm.bias"])
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)
+    h = h + g1.unsqueeze(1) * F.linear(a, b["attn.proj.weight"], b["attn.proj.bias"])
+    m = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh2, sc2)
+    m = F.gelu(F.linear(m, b["mlp.fc1.weight"], b["mlp.fc1.bias"]), approximate="tanh")
+    return h + g2.unsqueeze(1) * F.linear(m, b["mlp.fc2.weight"], b["mlp.fc2.bias"])
+
+
+def functional_final_layer(f, h, cond):
+    """The published FinalLayer forward on its state dict ``f`` (keys without ``final_layer.``)."""
+    sh, sc = F.linear(F.silu(cond), f["adaLN_modulation.1.weight"], f["adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    return F.linear(_modulate(F.layer_norm(h, (h.shape[-1],), eps=1e-6), sh, sc), f["linear.weight"],
+                    f["linear.bias"])
+
+
 def functional_dit(sd, x, t, y, *, heads, dt=None, gw=None, qk_norm=False, drop_sigma=False):
     """The published DiT forward, written out with functional ops on an official state dict."""
     n, c, hgt, wid = x.shape
@@ -88,27 +115,12 @@ def functional_dit(sd, x, t, y, *, heads, dt=None, gw=None, qk_norm=False, drop_
         cond = cond + _embed(sd, "dt_embedder", dt)
     if gw is not None:
         cond = cond + _embed(sd, "gw_embedder", gw)
-    d = h.shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
-        b = lambda k: sd[f"blocks.{i}.{k}"]  # noqa: E731
-        mod = F.linear(F.silu(cond), b("adaLN_modulation.1.weight"), b("adaLN_modulation.1.bias"))
-        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
-        a = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh1, sc1)
-        qkv = F.linear(a, b("attn.qkv.weight"), b("attn.qkv.bias")).reshape(n, -1, 3, heads, d // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        if qk_norm:
-            q = F.layer_norm(q, (d // heads,), b("attn.q_norm.weight"), b("attn.q_norm.bias"))
-            k = F.layer_norm(k, (d // heads,), b("attn.k_norm.weight"), b("attn.k_norm.bias"))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)
-        h = h + g1.unsqueeze(1) * F.linear(a, b("attn.proj.weight"), b("attn.proj.bias"))
-        m = _modulate(F.layer_norm(h, (d,), eps=1e-6), sh2, sc2)
-        m = F.gelu(F.linear(m, b("mlp.fc1.weight"), b("mlp.fc1.bias")), approximate="tanh")
-        h = h + g2.unsqueeze(1) * F.linear(m, b("mlp.fc2.weight"), b("mlp.fc2.bias"))
-    sh, sc = F.linear(F.silu(cond), sd["final_layer.adaLN_modulation.1.weight"],
-                      sd["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
-    h = F.linear(_modulate(F.layer_norm(h, (d,), eps=1e-6), sh, sc), sd["final_layer.linear.weight"],
-                 sd["final_layer.linear.bias"])
+        h = functional_block({k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")},
+                             h, cond, heads=heads, qk_norm=qk_norm)
+    h = functional_final_layer({k[len("final_layer."):]: v for k, v in sd.items() if k.startswith("final_layer.")},
+                               h, cond)
     oc = h.shape[-1] // (p * p)
     gh, gw_ = hgt // p, wid // p
     out = torch.einsum("nhwpqc->nchpwq", h.reshape(n, gh, gw_, p, p, oc)).reshape(n, oc, hgt, wid)

@@ -1,6 +1,8 @@
-"""Data-free flow map distillation (DESIGN §3): teacher adapter, objectives, LoRA aux, the engine.
+"""Data-free flow map distillation: teacher adapter, objectives, LoRA aux, the per-step engine.
 
-Depends on ``freeflow.losses``, the family conventions of ``freeflow.models.conventions`` and torch; models satisfy its protocols without being imported:
+Loads neither the model code nor triton: it depends on torch, ``freeflow.losses``, ``freeflow.solvers``
+and the family conventions of ``freeflow.conventions``. Models satisfy its protocols without being
+imported:
 
 - student ``student(z, delta, y, gw) -> F`` with one-step map ``z - δ·F`` (optional
   ``forward_jvp(z, delta, y, gw, *, tdelta) -> (F, Ḟ)``);
@@ -8,15 +10,23 @@ Depends on ``freeflow.losses``, the family conventions of ``freeflow.models.conv
   callable in the internal convention (wrapped by :class:`TeacherAdapter`);
 - aux ``aux(x, t, y, gw) -> velocity`` in the internal convention.
 """
-from .engine import DistillConfig, Distiller, flow_map, sample
+from .engine import DistillConfig, Distiller
 from .lora import LoRALinear, add_lora, lora_parameters
-from .objectives import (aux_flow_matching_loss, balance_weight, correction_loss, noised,
-                         prediction_loss, prediction_targets, sample_delta, sample_logit_normal,
-                         student_and_tangent)
+from .objectives import (
+    aux_flow_matching_loss,
+    balance_weight,
+    correction_loss,
+    noised,
+    prediction_loss,
+    prediction_targets,
+    sample_delta,
+    sample_logit_normal,
+    student_and_tangent,
+)
 from .teacher import TeacherAdapter, as_teacher
 
 __all__ = [
-    "DistillConfig", "Distiller", "flow_map", "sample",
+    "DistillConfig", "Distiller",
     "LoRALinear", "add_lora", "lora_parameters",
     "aux_flow_matching_loss", "balance_weight", "correction_loss", "noised", "prediction_loss",
     "prediction_targets", "sample_delta", "sample_logit_normal", "student_and_tangent",

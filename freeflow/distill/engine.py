@@ -11,8 +11,9 @@ Data flow of :meth:`Distiller.losses` (DESIGN §3), for a batch of ``N`` drawn o
                                                 Δ_c = sg(g) - u,  λ = α·E‖Δ‖/(E‖Δ_c‖ + ε_λ)
     student loss = pred(F; G, u, k, ε) + corr(F₁; g, u, λ)        aux loss = ‖g - (n - sg(x₁))‖²/d
 
-The student and aux losses are independent graphs; the caller owns optimizers, gradient
-all-reduce, clipping and EMA (:meth:`Distiller.train_step` is the single-process version).
+The student and aux losses are independent graphs; the caller (``freeflow.train``) owns the
+optimizers, the gradient all-reduce, clipping and EMA. One-step sampling is
+:func:`freeflow.conventions.one_step_sample` (``FlowMapStudent.sample``).
 """
 from __future__ import annotations
 
@@ -91,30 +92,6 @@ class DistillConfig:
 def _check(ok, field, expected, got):
     if not ok:
         raise ValueError(f"DistillConfig.{field} must be {expected}, got {got!r}")
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def flow_map(student, z, delta, y, gw):
-    """``f_θ(z, δ) = z - δ·F_θ(z, δ)``: the teacher's ODE state at ``t = 1 - δ`` starting from ``z``."""
-    return z - obj._rows(delta, z) * student(z, delta, y, gw)
-
-
-@torch.no_grad()
-def sample(student, z, y, gw, steps=1):
-    """One-step sample ``x = z - F_θ(z, 1)`` from prior noise ``z``.
-
-    The student's time input is fixed at the noise end: ``F_θ(·, δ)`` maps only from ``t = 1``, so
-    there is no flow-map jump starting at an intermediate time to compose, and re-applying the map
-    to a partially denoised state would treat it as prior noise. Hence ``steps`` must be 1; for
-    points along the path use :func:`flow_map` with several δ from the same ``z``, and for more
-    quality per sample hand the student's best noise to the teacher (noise search, DESIGN §3).
-    """
-    if steps != 1:
-        raise ValueError(f"steps must be 1 (the student maps only from t = 1; see "
-                         f"freeflow.distill.sample's docstring), got {steps!r}")
-    ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
-    return flow_map(student, z, ones, y, gw)
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -233,23 +210,6 @@ class Distiller:
         aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
         metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr, reduce=reduce)
         return {"student": pred_loss + corr_loss, "aux": aux_loss, **metrics}
-
-    def train_step(self, student_opt, aux_opt, batch_size, generator=None):
-        """Single-process step: one student and one aux optimizer step. Returns the float metrics."""
-        student_opt.zero_grad(set_to_none=True)
-        if aux_opt is not None:
-            aux_opt.zero_grad(set_to_none=True)
-        out = self.losses(batch_size, generator)
-        out["student"].backward()
-        student_opt.step()
-        if out["aux"] is not None:
-            out["aux"].backward()
-            aux_opt.step()
-        return {k: v for k, v in out.items() if k not in ("student", "aux")}
-
-    def sample(self, z, y, gw, steps=1):
-        """One-step samples of the student; see :func:`freeflow.distill.sample`."""
-        return sample(self.student, z, y, gw, steps=steps)
 
 
 def _shard_rows(shard, n_pred, n_corr):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as Fn
+from torch import nn
 
 
 class LoRALinear(nn.Module):

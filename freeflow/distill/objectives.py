@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from freeflow.losses import velocity_alignment_loss
+from ..conventions import flow_map, rows
+from ..losses import velocity_alignment_loss
 
 DELTA_DISTRIBUTIONS = ("uniform", "logit_normal")
 TANGENT_METHODS = ("jvp", "finite_difference")
-
-
-def _rows(v, like):
-    """Per-row scalars ``(N,)`` shaped to broadcast against ``like`` ``(N, ...)``."""
-    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -86,14 +82,13 @@ def finite_difference_tangent(student, z, delta, y, gw, step):
     lo = torch.where(delta - step < 0.0, delta, delta - step)
     F2 = student(torch.cat([z, z]), torch.cat([hi, lo]), torch.cat([y, y]), torch.cat([gw, gw]))
     F_hi, F_lo = F2.chunk(2)
-    return (F_hi - F_lo) / _rows(hi - lo, F_hi)
+    return (F_hi - F_lo) / rows(hi - lo, F_hi)
 
 
 def prediction_targets(F, F_dot, z, delta):
     """``x̂ = sg(z - δ·F)`` (where the teacher is queried, at ``t = 1 - δ``) and ``G = sg(F + δ·Ḟ)``."""
-    d = _rows(delta, F)
     F = F.detach()
-    return z - d * F, F + d * F_dot.detach()
+    return flow_map(z, delta, F), F + rows(delta, F) * F_dot.detach()
 
 
 def prediction_loss(F, G, u, *, power=1.0, eps=1e-3):
@@ -105,7 +100,7 @@ def prediction_loss(F, G, u, *, power=1.0, eps=1e-3):
 
 def noised(x1, n, r):
     """``x_r = (1 - r)·sg(x₁) + r·n``: the student's samples on the interpolant at time ``r``."""
-    r = _rows(r, x1)
+    r = rows(r, x1)
     return (1.0 - r) * x1.detach() + r * n
 
 

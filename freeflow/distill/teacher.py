@@ -19,7 +19,8 @@ import contextlib
 
 import torch
 
-from ..models.conventions import FLIPPED_FAMILIES, INTERNAL_FAMILIES, internal_velocity, native_time
+from ..conventions import VELOCITY_FAMILIES, internal_velocity, native_time
+from ..solvers import solve
 
 
 def _resolve_family(model, family):
@@ -31,8 +32,8 @@ def _resolve_family(model, family):
             "family='dit' is a DDPM ε-prediction model, not a velocity model; FreeFlow distills "
             "flow-matching teachers (family in {'sit', 'repa', 'freeflow', 'internal'} or a plain "
             "callable v(x, t, y) in the internal convention)")
-    if family not in INTERNAL_FAMILIES + FLIPPED_FAMILIES:
-        raise ValueError(f"family must be one of {FLIPPED_FAMILIES + INTERNAL_FAMILIES} or None, "
+    if family not in VELOCITY_FAMILIES:
+        raise ValueError(f"family must be one of {VELOCITY_FAMILIES} or None, "
                          f"got {family!r}")
     return family
 
@@ -88,10 +89,15 @@ class TeacherAdapter:
         scale = gw[rows].to(out.dtype).view(-1, *([1] * (x.dim() - 1)))
         return cond.index_copy(0, rows, uncond + scale * (cond[rows] - uncond))
 
-
     def field(self, y, gw, lo=0.0, hi=1.0):
         """The guided velocity as an ODE right-hand side ``v(x, t)`` for fixed classes and guidance."""
         return lambda x, t: self.guided_velocity(x, t, y, gw, lo, hi)
+
+    @torch.no_grad()
+    def sample(self, z, y, gw, *, method="heun", steps=32, interval=(0.0, 1.0), t_start=1.0):
+        """Integrate the guided ODE from ``z`` at ``t_start`` to data (``freeflow.solvers.solve``)."""
+        return solve(self.field(y, gw, *interval), z, method, None if method == "dopri5" else steps,
+                     t_start=t_start)
 
 
 def as_teacher(teacher, num_classes, **kwargs):

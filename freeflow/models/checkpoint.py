@@ -17,7 +17,8 @@ import re
 
 import torch
 
-from .dit import FAMILIES, DiT, DiTConfig
+from ..conventions import FAMILIES
+from .dit import DiT, DiTConfig
 
 log = logging.getLogger(__name__)
 FORMAT = "freeflow-model"

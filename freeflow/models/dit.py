@@ -18,8 +18,7 @@ import torch.nn as nn
 
 import freeflow.kernels as K
 
-FAMILIES = ("dit", "sit", "repa", "freeflow", "internal")
-
+from ..conventions import FAMILIES
 
 # ---------------------------------------------------------------------------------------------
 #                                   Configuration
@@ -58,7 +57,8 @@ class DiTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos position embedding, got {self.hidden_size}")
+            raise ValueError("hidden_size must be divisible by 4 for the 2-D sin-cos position embedding, "
+                             f"got {self.hidden_size}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -200,6 +200,9 @@ class Attention(nn.Module):
             return x, tx
         return K.layer_norm_jvp(x, tx, norm.weight, norm.bias, norm.eps)
 
+    def forward(self, x, backend=None):
+        return self.forward_jvp(x, None, backend)[0]
+
     def forward_jvp(self, x, tx, backend=None):
         n, s, d = x.shape
         qkv, tqkv = K.linear_jvp(x, tx, self.qkv.weight, self.qkv.bias)
@@ -224,6 +227,9 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def forward(self, x, backend=None):
+        return self.forward_jvp(x, None, backend)[0]
+
     def forward_jvp(self, x, tx, backend=None):
         h, th = K.linear_jvp(x, tx, self.fc1.weight, None)
         if th is None:
@@ -245,13 +251,28 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
+    def forward(self, x, c, backend=None):
+        """The official block call: tokens ``x`` (N, T, D) and conditioning ``c`` (N, D), seams unfused."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.attn(K.adaln_modulate(x, shift_msa, scale_msa, backend=backend), backend)
+        x = K.gated_residual(x, gate_msa, h, backend=backend)
+        h = self.mlp(K.adaln_modulate(x, shift_mlp, scale_mlp, backend=backend), backend)
+        return K.gated_residual(x, gate_mlp, h, backend=backend)
+
 
 class FinalLayer(nn.Module):
+    """adaLN LayerNorm + modulate and the linear patch decoder (``DiT`` fuses its norm into the last seam)."""
+
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c, backend=None):
+        """The official final-layer call: ``x`` (N, T, D), ``c`` (N, D) → patch outputs (N, T, p·p·C)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(K.adaln_modulate(x, shift, scale, backend=backend))
 
 
 def _chunks(t, n):

@@ -11,11 +11,10 @@ teacher's family: for a SiT teacher the time input is mapped t' = 1 - t and the 
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
-from .conventions import internal_velocity, native_time
+from ..conventions import internal_velocity, native_time, one_step_sample
 from .dit import DiT, DiTConfig
 
 
@@ -63,7 +62,7 @@ class FlowMapStudent(_ConventionMixin, nn.Module):
         self.net = net
 
     @classmethod
-    def from_teacher(cls, teacher: DiT) -> "FlowMapStudent":
+    def from_teacher(cls, teacher: DiT) -> FlowMapStudent:
         _check_family(teacher)
         return cls(_clone_with(teacher, take_dt=True, take_gw=True))
 
@@ -78,11 +77,9 @@ class FlowMapStudent(_ConventionMixin, nn.Module):
         out, tout = self.net.forward_jvp(z, self._time(z), y, dt=delta, gw=gw, tx=tz, tdt=tdelta, tgw=tgw)
         return self.internal_velocity(out), self.internal_velocity(tout)
 
-    @torch.no_grad()
     def sample(self, z, y, gw, delta=None):
-        """One-step sample ``z - δ·F(z, δ)`` (δ = 1: the data end)."""
-        delta = torch.ones(z.shape[0], device=z.device) if delta is None else delta
-        return z - delta.view(-1, 1, 1, 1) * self(z, delta, y, gw)
+        """One-step sample ``z - δ·F(z, δ)`` (δ = 1: the data end); see :func:`freeflow.conventions.one_step_sample`."""
+        return one_step_sample(self, z, y, gw, delta)
 
 
 class GuidedVelocityNet(_ConventionMixin, nn.Module):
@@ -95,7 +92,7 @@ class GuidedVelocityNet(_ConventionMixin, nn.Module):
         self.net = net
 
     @classmethod
-    def from_teacher(cls, teacher: DiT) -> "GuidedVelocityNet":
+    def from_teacher(cls, teacher: DiT) -> GuidedVelocityNet:
         _check_family(teacher)
         return cls(_clone_with(teacher, take_dt=False, take_gw=True))
 

@@ -3,8 +3,12 @@
 Every check is against an independent reference: the DESIGN §5 formula written out below in fp64
 plain torch, autograd of the surrogate, gradcheck, and torch.library.opcheck.
 """
+import json
 import os
+import subprocess
+import sys
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -330,7 +334,8 @@ def test_jit_build_compiles_the_host_sources(monkeypatch, tmp_path):
     monkeypatch.setattr(_ext, "cuda_build_possible", lambda: False)
     _ext.jit_build(build_directory=str(tmp_path / "build"))
     (kwargs,) = calls
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    csrc = os.path.join(os.path.dirname(os.path.abspath(_ext.__file__)), "csrc")
+    assert os.path.samefile(csrc, os.path.join(os.path.dirname(__file__), "..", "..", "csrc"))  # the checkout's
     names = sorted(os.path.basename(f) for f in kwargs["sources"])
     assert names == ["velocity_alignment.cpp"]  # no *_cuda.cpp binding without a CUDA torch
     assert all(os.path.isfile(f) for f in kwargs["sources"])
@@ -344,3 +349,27 @@ def test_jit_build_compiles_the_host_sources(monkeypatch, tmp_path):
     names = sorted(os.path.basename(f) for f in calls[0]["sources"])
     assert names == ["velocity_alignment.cpp", "velocity_alignment_cuda.cpp",
                      "velocity_alignment_cuda.cu"]
+
+
+def test_installed_wheel_ships_the_sources_the_jit_fallback_compiles(tmp_path):
+    """A non-editable install (a wheel, no checkout beside it) still finds csrc/ for the JIT build."""
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), repo], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "FREEFLOW_NO_EXT": "1"})
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("freeflow-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import json, os, freeflow._ext as e; "
+             "print(json.dumps([e._CSRC, e.sources(False), e.sources(True)]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(site), "FREEFLOW_NO_EXT": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    csrc, host, with_cuda = json.loads(out.stdout.strip().splitlines()[-1])
+    assert os.path.realpath(csrc).startswith(os.path.realpath(site))  # the wheel's copy, not the checkout
+    assert [os.path.basename(f) for f in host] == ["velocity_alignment.cpp"]
+    assert sorted(os.path.basename(f) for f in with_cuda) == ["velocity_alignment.cpp", "velocity_alignment_cuda.cpp",
+                                                              "velocity_alignment_cuda.cu"]
+    for header in ("velocity_alignment.h", "velocity_alignment_op.h", "velocity_alignment_cuda.h"):
+        assert os.path.isfile(os.path.join(csrc, header)), header

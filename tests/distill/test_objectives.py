@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from freeflow.conventions import one_step_sample
 from freeflow.distill import (
     DistillConfig,
     Distiller,
@@ -21,7 +22,6 @@ from freeflow.distill import (
     noised,
     prediction_loss,
     prediction_targets,
-    sample,
     sample_delta,
     sample_logit_normal,
     student_and_tangent,
@@ -335,9 +335,10 @@ def test_one_step_sample_is_z_minus_F_at_one():
     student = MLPStudent()
     z, _, y, gw = _batch()
     expected = z - student(z, torch.ones(6), y, gw)
-    torch.testing.assert_close(sample(student, z, y, gw), expected.detach(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="steps"):
-        sample(student, z, y, gw, steps=2)
+    torch.testing.assert_close(one_step_sample(student, z, y, gw), expected.detach(), rtol=0, atol=0)
+    half = torch.full((6,), 0.5)
+    torch.testing.assert_close(one_step_sample(student, z, y, gw, half),
+                               (z - 0.5 * student(z, half, y, gw)).detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("field,value", [

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from official import functional_dit, official_state_dict
+from official import functional_block, functional_dit, functional_final_layer, official_state_dict
 
 from freeflow.models import DiT, DiTConfig, save_checkpoint
 from freeflow.models import load_checkpoint as _load_checkpoint
@@ -34,6 +34,22 @@ def test_dit_plain_state_dict(tmp_path):
     t = torch.tensor([0.0, 500.0, 999.0])  # DDPM steps
     with torch.no_grad():
         _close(model(x, t, y), functional_dit(sd, x, t, y, heads=1))  # all 2C channels, like DiT's forward
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_block_and_final_layer_forward_like_the_official_modules(tmp_path, qk_norm):
+    """Official-style code calls ``model.blocks[i](x, c)`` and ``model.final_layer(x, c)`` directly."""
+    sd = official_state_dict(**ARCH, learn_sigma=False, qk_norm=qk_norm, seed=5)
+    path = tmp_path / "repa.pt"
+    torch.save(sd, path)
+    model = load_checkpoint(str(path), family="repa", num_heads=4)
+    g = torch.Generator().manual_seed(6)
+    h, c = torch.randn(3, 16, 64, generator=g), torch.randn(3, 64, generator=g)
+    block = {k[len("blocks.1."):]: v for k, v in sd.items() if k.startswith("blocks.1.")}
+    final = {k[len("final_layer."):]: v for k, v in sd.items() if k.startswith("final_layer.")}
+    with torch.no_grad():
+        _close(model.blocks[1](h, c), functional_block(block, h, c, heads=4, qk_norm=qk_norm))
+        _close(model.final_layer(h, c), functional_final_layer(final, h, c))
 
 
 def test_sit_training_checkpoint_prefers_ema(tmp_path):

@@ -75,7 +75,9 @@ def test_triton_model_under_torch_func_jvp_equals_its_forward_jvp():
     tri, ref = pair(seed=3, qk_norm=True)  # REPA's qk_norm path
     x, t, y, dt, gw = inputs(seed=4)
     out, tout = tri.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
-    f = lambda dt: tri(x, t, y, dt, gw)
+    def f(dt):
+        return tri(x, t, y, dt, gw)
+
     out_func, tout_func = torch.func.jvp(f, (dt,), (torch.ones_like(dt),))
     assert rel_err(out_func, out) <= TOL and rel_err(tout_func, tout) <= TOL
     out_ref, tout_ref = ref.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))

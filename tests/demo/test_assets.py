@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from freeflow import metrics, pretrain
+from freeflow import demo
+from freeflow.demo import assets, data, evaluate, features, teacher
+from freeflow.distill import TeacherAdapter
 from freeflow.models import DiT, DiTConfig, load_checkpoint
 
 
@@ -17,7 +19,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-TINY = dict(pretrain.TEACHER_ARCH, patch_size=7, hidden_size=32, depth=1, num_heads=2)
+TINY = dict(teacher.TEACHER_ARCH, patch_size=7, hidden_size=32, depth=1, num_heads=2)
 
 
 def _synthetic_digits(n=200, seed=0):
@@ -37,7 +39,7 @@ def _state(model):
 
 def _teacher(seed, steps=40):
     x, y = _synthetic_digits()
-    return pretrain.train_teacher(x, y, steps=steps, batch_size=16, lr=3e-3, warmup=5, seed=seed, arch=TINY,
+    return teacher.train_teacher(x, y, steps=steps, batch_size=16, lr=3e-3, warmup=5, seed=seed, arch=TINY,
                                   log_every=0)
 
 
@@ -70,10 +72,10 @@ class _Probe(torch.nn.Module):
 def test_flow_matching_loss_uses_internal_interpolant_and_label_dropout():
     probe, g = _Probe(), torch.Generator().manual_seed(0)
     x, y = torch.zeros(4000, 1, 28, 28), torch.arange(4000) % 10
-    loss = pretrain.flow_matching_loss(probe, x, y, g, cfg_dropout=0.25)
+    loss = teacher.flow_matching_loss(probe, x, y, g, cfg_dropout=0.25)
     assert loss.item() < 1e-10  # x_t = (1-t)·0 + t·n and target n - 0
     seen = probe.seen[0]
-    dropped = seen == pretrain.NULL_CLASS
+    dropped = seen == teacher.NULL_CLASS
     assert abs(dropped.float().mean().item() - 0.25) < 0.03
     assert torch.equal(seen[~dropped], y[~dropped])
 
@@ -87,8 +89,8 @@ def test_guided_velocity_guides_all_channels():
     x, t, y = torch.randn(3, 2, 28, 28), torch.rand(3), torch.tensor([1, 4, 7])
     with torch.no_grad():
         cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
-        guided = pretrain.guided_velocity(model, y, 2.5)(x, t)
-        plain = pretrain.guided_velocity(model, y, 1.0)(x, t)
+        guided = TeacherAdapter(model, 10).field(y, torch.full((3,), 2.5))(x, t)
+        plain = TeacherAdapter(model, 10).field(y, torch.ones(3))(x, t)
     torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(plain, cond, rtol=0, atol=0)
 
@@ -99,59 +101,59 @@ def test_feature_net_training_reduces_loss_and_is_reproducible():
     x, y = _synthetic_digits(300)
     kw = dict(epochs=10, batch_size=50, lr=1e-2, holdout=50, seed=0, net_kwargs=dict(channels=(8, 8), feature_dim=16),
               log=lambda *_: None)
-    a, b = pretrain.train_feature_net(x, y, **kw), pretrain.train_feature_net(x, y, **kw)
+    a, b = features.train_feature_net(x, y, **kw), features.train_feature_net(x, y, **kw)
     assert np.mean(a.losses[-3:]) < 0.7 * np.mean(a.losses[:3])
     assert a.losses == b.losses and a.heldout_accuracy == b.heldout_accuracy
 
 
 def test_split_is_seeded_and_disjoint():
-    tr, ho = pretrain.split_indices(100, 20, seed=3)
-    tr2, ho2 = pretrain.split_indices(100, 20, seed=3)
+    tr, ho = data.split_indices(100, 20, seed=3)
+    tr2, ho2 = data.split_indices(100, 20, seed=3)
     assert torch.equal(tr, tr2) and torch.equal(ho, ho2)
     assert sorted(torch.cat([tr, ho]).tolist()) == list(range(100))
     with pytest.raises(ValueError, match="holdout"):
-        pretrain.split_indices(100, 100, seed=0)
+        data.split_indices(100, 100, seed=0)
 
 
 def test_bad_arguments_name_themselves():
     x, y = _synthetic_digits(20)
     with pytest.raises(ValueError, match="steps"):
-        pretrain.train_teacher(x, y, steps=0, arch=TINY)
+        teacher.train_teacher(x, y, steps=0, arch=TINY)
     with pytest.raises(ValueError, match="cfg_dropout"):
-        pretrain.train_teacher(x, y, steps=1, cfg_dropout=1.0, arch=TINY)
+        teacher.train_teacher(x, y, steps=1, cfg_dropout=1.0, arch=TINY)
     with pytest.raises(ValueError, match="epochs"):
-        pretrain.train_feature_net(x, y, epochs=0)
+        features.train_feature_net(x, y, epochs=0)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------
 
 def test_cli_teacher_writes_a_loadable_checkpoint_and_readme(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "load_digits", lambda: _synthetic_digits(64))
-    pretrain.main(["--what", "teacher", "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
+    monkeypatch.setattr(assets, "load_digits", lambda: _synthetic_digits(64))
+    assets.main(["--what", "teacher", "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
                    "--hidden", "32", "--depth", "1", "--heads", "2", "--patch", "7"])
-    model = load_checkpoint(str(tmp_path / pretrain.TEACHER_FILE))
+    model = load_checkpoint(str(tmp_path / demo.TEACHER_FILE))
     assert model.family == "internal" and model.config.hidden_size == 32 and model.config.patch_size == 7
-    samples = pretrain.sample_teacher(model, 12, gamma=2.0, steps=2, batch_size=5)
+    samples = evaluate.sample_teacher(model, 12, gamma=2.0, steps=2, batch_size=5)
     assert samples.shape == (12, 1, 28, 28) and torch.isfinite(samples).all()
     readme = (tmp_path / "README.md").read_text()
     assert "--steps 3" in readme and "mnist_teacher.pt" in readme
     with pytest.raises(SystemExit):
-        pretrain.main(["--what", "nothing", "--out", str(tmp_path)])
+        assets.main(["--what", "nothing", "--out", str(tmp_path)])
 
 
 def test_feature_net_save_load_roundtrip(tmp_path):
-    net = metrics.MnistFeatureNet(channels=(4, 8), feature_dim=16)
-    metrics.save_feature_net(net, tmp_path / "f.pt")
-    back = metrics.load_feature_net(tmp_path / "f.pt")
+    net = features.MnistFeatureNet(channels=(4, 8), feature_dim=16)
+    features.save_feature_net(net, tmp_path / "f.pt")
+    back = features.load_feature_net(tmp_path / "f.pt")
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(back.features(x), net.eval().features(x), rtol=0, atol=0)
 
 
 def test_shipped_teacher_loads_and_draws_the_requested_digits():
-    model = load_checkpoint(str(pretrain.ASSETS_DIR / pretrain.TEACHER_FILE))
+    model = load_checkpoint(str(demo.ASSETS_DIR / demo.TEACHER_FILE))
     assert model.family == "internal"
-    assert {k: getattr(model.config, k) for k in pretrain.TEACHER_ARCH} == pretrain.TEACHER_ARCH
-    samples = pretrain.sample_teacher(model, 20, gamma=2.0, steps=8, seed=0)  # labels 0..9 twice
+    assert {k: getattr(model.config, k) for k in teacher.TEACHER_ARCH} == teacher.TEACHER_ARCH
+    samples = evaluate.sample_teacher(model, 20, gamma=2.0, steps=8, seed=0)  # labels 0..9 twice
     with torch.no_grad():
-        pred = metrics.load_feature_net()(samples).argmax(1)
+        pred = features.load_feature_net()(samples).argmax(1)
     assert (pred == torch.arange(20) % 10).float().mean().item() >= 0.8

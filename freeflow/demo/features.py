@@ -1,15 +1,14 @@
-"""Fréchet distance (FD) of MNIST-like images in the feature space of a small bundled classifier.
+"""The demo's FD space: ``MnistFeatureNet``, a compact CNN classifier trained on the bundled digits.
 
 The demo cannot ship Inception, so its quality figure is an FID analogue: the penultimate activations of
-``MnistFeatureNet`` (a compact CNN trained on the bundled digits, see ``freeflow/assets/README.md``) are
-modelled as a Gaussian, and samples are compared with the statistics of the 5,000 real digits:
-
-    FD = ‖μ₁ - μ₂‖² + tr Σ₁ + tr Σ₂ - 2·tr (Σ₁^½ Σ₂ Σ₁^½)^½
-
-Images follow the project convention: tensors ``(N, 1, 28, 28)`` in ``[-1, 1]``.
+``MnistFeatureNet`` are modelled as a Gaussian and compared (``freeflow.frechet``) with the statistics of
+the 5,000 real digits. Images are tensors ``(N, 1, 28, 28)`` in ``[-1, 1]``.
 """
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-FEATURE_NET_FILE = "mnist_features.pt"
-STATS_FILE = "mnist_feature_stats.npz"
-IMAGE_SHAPE = (1, 28, 28)
+from ..frechet import frechet_distance
+from . import ASSETS_DIR, FEATURE_NET_FILE, IMAGE_SHAPE, STATS_FILE
+from .data import random_shift, split_indices
 
-
-# ---------------------------------------------------------------------------------------------
-#                                     Feature network
-# ---------------------------------------------------------------------------------------------
 
 class MnistFeatureNet(nn.Module):
     """LeNet-style CNN: two conv-ReLU-pool stages, a conv at 7×7, a ``feature_dim`` FC layer (the FD
@@ -70,16 +64,12 @@ def load_feature_net(path=None) -> MnistFeatureNet:
     path = Path(path) if path is not None else ASSETS_DIR / FEATURE_NET_FILE
     if not path.is_file():
         raise FileNotFoundError(f"feature network {str(path)!r} not found; build it with "
-                                "`python -m freeflow.pretrain --what features`")
+                                "`python -m freeflow.demo.assets --what features`")
     payload = torch.load(str(path), map_location="cpu", weights_only=True)
     net = MnistFeatureNet(**payload["config"])
     net.load_state_dict(payload["state_dict"])
     return net.eval()
 
-
-# ---------------------------------------------------------------------------------------------
-#                                     Statistics
-# ---------------------------------------------------------------------------------------------
 
 def _check_images(images):
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
@@ -117,55 +107,9 @@ def load_reference_stats(path=None) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path) if path is not None else ASSETS_DIR / STATS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"feature statistics {str(path)!r} not found; build them with "
-                                "`python -m freeflow.pretrain --what stats`")
+                                "`python -m freeflow.demo.assets --what stats`")
     with np.load(str(path)) as data:
         return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-
-
-# ---------------------------------------------------------------------------------------------
-#                                     Fréchet distance
-# ---------------------------------------------------------------------------------------------
-
-def _as_float64(name, a, ndim):
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().double().numpy()
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D array, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} holds non-finite values")
-    return a
-
-
-def _psd_sqrt(sigma):
-    """Symmetric square root of a (numerically) PSD matrix; round-off negative eigenvalues → 0."""
-    w, q = np.linalg.eigh(0.5 * (sigma + sigma.T))
-    return (q * np.sqrt(np.clip(w, 0.0, None))) @ q.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet (2-Wasserstein²) distance between N(μ₁, Σ₁) and N(μ₂, Σ₂), in float64.
-
-    The trace term uses the symmetric form tr (Σ₁^½ Σ₂ Σ₁^½)^½ — its eigenvalues are real and ≥ 0, so
-    unlike ``scipy.linalg.sqrtm(Σ₁Σ₂)`` it needs no complex arithmetic nor an ε·I fix for singular Σ.
-    Accepts numpy arrays or torch tensors.
-    """
-    mu1, mu2 = _as_float64("mu1", mu1, 1), _as_float64("mu2", mu2, 1)
-    sigma1, sigma2 = _as_float64("sigma1", sigma1, 2), _as_float64("sigma2", sigma2, 2)
-    d = mu1.shape[0]
-    if mu2.shape != (d,):
-        raise ValueError(f"mu2 must have shape ({d},) like mu1, got {mu2.shape}")
-    for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
-        if s.shape != (d, d):
-            raise ValueError(f"{name} must have shape ({d}, {d}) to match mu1, got {s.shape}")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh(0.5 * (middle + middle.T))
-    trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
-    diff = mu1 - mu2
-    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
-    # Round-off can push identical distributions a hair below zero.
-    return float(max(fd, 0.0))
 
 
 def mnist_fd(images: torch.Tensor, *, net: nn.Module | None = None, stats=None, batch_size: int = 500) -> float:
@@ -177,3 +121,49 @@ def mnist_fd(images: torch.Tensor, *, net: nn.Module | None = None, stats=None, 
     mu_ref, sigma_ref = load_reference_stats() if stats is None else stats
     mu, sigma = feature_statistics(net, images, batch_size)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+@dataclass
+class FeatureNetResult:
+    net: MnistFeatureNet
+    heldout_accuracy: float
+    train_accuracy: float
+    seconds: float
+    losses: list = field(default_factory=list)
+
+
+def _accuracy(net, images, labels):
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(chunk).argmax(1) for chunk in images.split(500)])
+    return (pred == labels).float().mean().item()
+
+
+def train_feature_net(images, labels, *, epochs=10, batch_size=128, lr=1e-3, holdout=500, max_shift=2,
+                      seed=0, net_kwargs=None, log=print) -> FeatureNetResult:
+    """Train ``MnistFeatureNet`` on a seeded split with random-shift augmentation; report held-out accuracy."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    torch.manual_seed(seed)
+    net = MnistFeatureNet(**(net_kwargs or {}))
+    train_idx, held_idx = split_indices(len(images), holdout, seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    total = epochs * math.ceil(len(train_idx) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses, start = [], time.time()
+    for epoch in range(epochs):
+        net.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for batch in order.split(batch_size):
+            x = random_shift(images[batch], max_shift, g)
+            loss = F.cross_entropy(net(x), labels[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        log(f"[features] epoch {epoch + 1}/{epochs} loss {np.mean(losses[-len(order) // batch_size:]):.4f}")
+    heldout = _accuracy(net, images[held_idx], labels[held_idx])
+    train = _accuracy(net, images[train_idx], labels[train_idx])
+    return FeatureNetResult(net.eval(), heldout, train, time.time() - start, losses)

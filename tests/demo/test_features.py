@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from freeflow import metrics
+from freeflow.demo import features
+from freeflow.frechet import frechet_distance
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +39,7 @@ def test_fd_diagonal_closed_form():
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
     a, b = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("rank", [None, 3])
@@ -46,17 +47,17 @@ def test_fd_matches_independent_formula(rank):
     rng = np.random.default_rng(2)
     mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
     s1, s2 = _spd(16, rank, seed=3), _spd(16, seed=4)
-    got = metrics.frechet_distance(mu1, s1, mu2, s2)
+    got = frechet_distance(mu1, s1, mu2, s2)
     # A singular Σ₁ leaves round-off eigenvalues ~1e-16 whose square roots (~1e-8) the reference keeps.
     assert got == pytest.approx(_reference_fd(mu1, s1, mu2, s2), rel=1e-9, abs=1e-9 if rank is None else 1e-6)
-    assert got == pytest.approx(metrics.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
+    assert got == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
 
 
 def test_fd_accepts_torch_and_is_zero_for_identical():
     s = _spd(8)
     mu = np.arange(8.0)
-    assert metrics.frechet_distance(torch.tensor(mu), torch.tensor(s), mu, s) == pytest.approx(0, abs=1e-10)
-    t = metrics.frechet_distance(torch.tensor(mu, dtype=torch.float32), torch.tensor(s, dtype=torch.float32),
+    assert frechet_distance(torch.tensor(mu), torch.tensor(s), mu, s) == pytest.approx(0, abs=1e-10)
+    t = frechet_distance(torch.tensor(mu, dtype=torch.float32), torch.tensor(s, dtype=torch.float32),
                                  mu + 1, s)
     assert t == pytest.approx(8.0, rel=1e-5)  # equal covariances: only the squared mean shift remains
 
@@ -66,9 +67,9 @@ def test_fd_of_two_samples_of_one_gaussian_is_small():
     s, mu = _spd(8), rng.standard_normal(8)
     a = rng.multivariate_normal(mu, s, 20000)
     b = rng.multivariate_normal(mu, s, 20000)
-    same = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    same = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     shifted = b + 0.5
-    moved = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), shifted.mean(0),
+    moved = frechet_distance(a.mean(0), np.cov(a, rowvar=False), shifted.mean(0),
                                      np.cov(shifted, rowvar=False))
     assert same < 0.01 * np.trace(s)
     assert moved == pytest.approx(8 * 0.25, abs=0.05)
@@ -83,7 +84,7 @@ def test_fd_of_two_samples_of_one_gaussian_is_small():
 ])
 def test_fd_rejects_bad_arguments(args, name):
     with pytest.raises(ValueError, match=name):
-        metrics.frechet_distance(*args)
+        frechet_distance(*args)
 
 
 # -- feature statistics -----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class _PixelFeatures(nn.Module):
 def test_feature_statistics_match_numpy_and_clamp():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(37, 1, 28, 28, generator=g) * 3 - 1.5  # some pixels outside [-1, 1]
-    mu, sigma = metrics.feature_statistics(_PixelFeatures(), images, batch_size=10)
+    mu, sigma = features.feature_statistics(_PixelFeatures(), images, batch_size=10)
     pix = images.clamp(-1, 1).flatten(1)[:, [0, 300, 400]].double().numpy()
     np.testing.assert_allclose(mu, pix.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(pix.T, ddof=1), rtol=1e-12)
@@ -107,19 +108,19 @@ def test_feature_statistics_match_numpy_and_clamp():
 @pytest.mark.parametrize("images,name", [(torch.zeros(4, 28, 28), "images"), (torch.zeros(1, 1, 28, 28), "images")])
 def test_feature_statistics_rejects_bad_images(images, name):
     with pytest.raises(ValueError, match=name):
-        metrics.feature_statistics(_PixelFeatures(), images)
+        features.feature_statistics(_PixelFeatures(), images)
 
 
 def test_feature_statistics_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
-        metrics.feature_statistics(_PixelFeatures(), torch.zeros(4, 1, 28, 28), batch_size=0)
+        features.feature_statistics(_PixelFeatures(), torch.zeros(4, 1, 28, 28), batch_size=0)
 
 
 # -- shipped assets -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def digits():
-    from freeflow.pretrain import load_digits
+    from freeflow.demo.data import load_digits
 
     images, labels = load_digits()
     idx = torch.arange(7, 5000, 50)  # 100 digits, 10 of each class (the set is sorted by label)
@@ -127,8 +128,8 @@ def digits():
 
 
 def test_shipped_stats_shapes():
-    net = metrics.load_feature_net()
-    mu, sigma = metrics.load_reference_stats()
+    net = features.load_feature_net()
+    mu, sigma = features.load_reference_stats()
     d = net.config["feature_dim"]
     assert mu.shape == (d,) and sigma.shape == (d, d)
     np.testing.assert_allclose(sigma, sigma.T, atol=1e-12)
@@ -137,7 +138,7 @@ def test_shipped_stats_shapes():
 
 def test_shipped_feature_net_classifies_real_digits(digits):
     images, labels = digits
-    net = metrics.load_feature_net()
+    net = features.load_feature_net()
     with torch.no_grad():
         pred = net(images).argmax(1)
     assert (pred == labels).float().mean().item() >= 0.95
@@ -146,5 +147,5 @@ def test_shipped_feature_net_classifies_real_digits(digits):
 def test_mnist_fd_separates_real_digits_from_noise(digits):
     images, _ = digits
     noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    real, fake = metrics.mnist_fd(images), metrics.mnist_fd(noise)
+    real, fake = features.mnist_fd(images), features.mnist_fd(noise)
     assert real < 0.1 * fake
