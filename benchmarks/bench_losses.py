@@ -1,6 +1,6 @@
 """velocity_alignment_loss, forward + backward: the fused C++ op vs eager PyTorch, time and peak memory.
 
-Three implementations of the same loss and gradient (DESIGN §5), each run as ``loss.backward()``
+Three implementations of the same loss and gradient (docs/design.md §5), each run as ``loss.backward()``
 from fresh leaves:
 
 - ``extension``: ``freeflow.losses.velocity_alignment_loss`` on ``freeflow._C`` (one pass over

@@ -1,4 +1,4 @@
-// Per-element and per-sample math of the velocity-alignment loss (DESIGN §5), shared verbatim by
+// Per-element and per-sample math of the velocity-alignment loss (docs/design.md §5), shared verbatim by
 // the CPU implementation (velocity_alignment.cpp, g++) and the CUDA kernel
 // (velocity_alignment_cuda.cu, nvcc). Every formula of the op lives here and nowhere else; the two
 // backends only differ in how they load/store their storage types and split the reductions.

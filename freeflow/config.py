@@ -101,7 +101,7 @@ def _choice(name, value, choices):
         raise ValueError(f"--{_flag(name)} must be one of {choices}, got {value!r}")
 
 
-# Presets: overrides of TrainConfig / DistillConfig fields. ImageNet presets follow DESIGN §3's
+# Presets: overrides of TrainConfig / DistillConfig fields. ImageNet presets follow docs/design.md §3's
 # defaults (AdamW 1e-4, β=(0.9, 0.95), EMA 0.9999); γ ranges cover the usual CFG scales.
 _IMAGENET = dict(needs_teacher_ckpt=True, batch_size=256, steps=100_000, ema_decay=0.9999, gw_min=1.0,
                  gw_max=4.0, eval_gw=1.5, ckpt_every=5000, sample_every=5000, log_every=50,

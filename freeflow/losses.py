@@ -1,4 +1,4 @@
-"""The velocity-alignment loss shared by both FreeFlow objectives (DESIGN §5).
+"""The velocity-alignment loss shared by both FreeFlow objectives (docs/design.md §5).
 
 ``velocity_alignment_loss(F, A, B)`` has the value ``mean_i w_i·‖A_i - B_i‖²/d`` with the adaptive
 weight ``w_i = 1/(‖A_i - B_i‖²/d + eps)^power`` (a constant), and its gradient w.r.t. ``F`` is

@@ -12,7 +12,7 @@ Kernel design (JVP flash attention). One forward kernel family; the constexpr fl
 ``HAS_TK``, ``HAS_TV`` turn the tangent on term by term. A program owns BLOCK_M queries of one
 (batch, head) and streams BLOCK_N keys at a time with the online softmax in base 2 (log2(e) folded
 into the scale, ``exp2``), keeping besides the usual running max m, l = Σ e^{s-m} and Σ e^{s-m} v
-the three tangent accumulators of DESIGN §4 — μ = Σ e^{s-m} ṡ, Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ — all
+the three tangent accumulators of docs/design.md §4 — μ = Σ e^{s-m} ṡ, Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ — all
 rescaled by the same factor. At the end O = acc/l and Ȯ = Σṡv/l - (μ/l)·O + Σv̇/l; the row
 log-sum-exp (log2 units) is stored for the backward. P is never materialised: ~3× the primal FLOPs
 for (O, Ȯ) in one pass, 4 bytes/query saved for backward besides Q, K, V, O.

@@ -1,6 +1,6 @@
 """One FreeFlow distillation step: configuration, the per-step losses, and one-step sampling.
 
-Data flow of :meth:`Distiller.losses` (DESIGN §3), for a batch of ``N`` drawn only from the prior:
+Data flow of :meth:`Distiller.losses` (docs/design.md §3), for a batch of ``N`` drawn only from the prior:
 
     prediction rows (N·pred_fraction)           correction rows (the rest)
     z, y, γ, δ ~ p_δ                            z', y', γ', r ~ LogitNormal, n
@@ -28,7 +28,7 @@ from .teacher import as_teacher
 
 @dataclass
 class DistillConfig:
-    """Hyperparameters of one distillation step. Defaults follow DESIGN §3; see docs/distill.md."""
+    """Hyperparameters of one distillation step. Defaults follow docs/design.md §3; see docs/distill.md."""
 
     pred_fraction: float = 0.75
     """Share of each batch used by the prediction objective; the rest is correction. 1.0 = no correction."""

@@ -1,4 +1,4 @@
-"""LoRA adapters for the auxiliary network ``g_ψ`` (DESIGN §3: "full copy, or LoRA for memory").
+"""LoRA adapters for the auxiliary network ``g_ψ`` (docs/design.md §3: "full copy, or LoRA for memory").
 
 ``add_lora(module, rank)`` swaps the chosen ``nn.Linear`` layers for :class:`LoRALinear`
 (``W x + b + (α/r)·B A x`` with the base frozen, ``A`` Kaiming-uniform and ``B = 0``), so the adapted

@@ -1,6 +1,6 @@
-"""The two FreeFlow objectives, the auxiliary flow-matching loss, and the δ / r samplers (DESIGN §3).
+"""The two FreeFlow objectives, the auxiliary flow-matching loss, and the δ / r samplers (docs/design.md §3).
 
-Notation (internal convention, DESIGN §2): the student is ``F = F_θ(z, δ)`` with flow map
+Notation (internal convention, docs/design.md §2): the student is ``F = F_θ(z, δ)`` with flow map
 ``f_θ(z, δ) = z - δ·F`` from the prior (``t = 1``) to ``t = 1 - δ``.
 
 Prediction. ``G = F + δ·∂F/∂δ`` is the velocity the student's own path has at ``x̂ = f_θ(z, δ)``

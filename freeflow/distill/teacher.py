@@ -1,6 +1,6 @@
 """Teacher adapter: any velocity model → the internal convention, plus guided velocity.
 
-Internal convention (DESIGN §2): ``t = 0`` data, ``t = 1`` noise, ``x_t = (1 - t)·x + t·n`` and
+Internal convention (docs/design.md §2): ``t = 0`` data, ``t = 1`` noise, ``x_t = (1 - t)·x + t·n`` and
 ``v(x_t, t) = E[n - x | x_t]``. Checkpoint families map onto it as follows:
 
     family                          time passed to the model     velocity returned

@@ -1,4 +1,4 @@
-"""FreeFlow students and auxiliary velocity networks built from a teacher (DESIGN §2).
+"""FreeFlow students and auxiliary velocity networks built from a teacher (docs/design.md §2).
 
 Both wrap a ``DiT`` and speak the internal convention (t = 1 noise, velocity n - x) whatever the
 teacher's family: for a SiT teacher the time input is mapped t' = 1 - t and the output negated.

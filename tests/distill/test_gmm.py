@@ -6,7 +6,7 @@ and ``E[n - x | x_t, k] = (t - (1 - t)σ²)/s_t² · (x_t - (1 - t)μ_k) - μ_k`
 posterior-weighted mixture of these. The exact one-step target is the teacher ODE integrated from
 t = 1 to 0 with dopri5 at rtol = atol = 1e-9 in float64.
 
-The student is the analogue of DESIGN §2's initialisation: the teacher's velocity at t = 1 plus a zero-
+The student is the analogue of docs/design.md §2's initialisation: the teacher's velocity at t = 1 plus a zero-
 initialised MLP, so at step 0 it is exactly one Euler step of the teacher (mean error ≈ 2.0). The aux
 network is likewise the teacher plus a zero-initialised MLP.
 """

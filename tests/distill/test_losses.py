@@ -1,6 +1,6 @@
 """freeflow.losses.velocity_alignment_loss: the fused op of freeflow._C and its pure-PyTorch fallback.
 
-Every check is against an independent reference: the DESIGN §5 formula written out below in fp64
+Every check is against an independent reference: the docs/design.md §5 formula written out below in fp64
 plain torch, autograd of the surrogate, gradcheck, and torch.library.opcheck.
 """
 import json
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def formula(A, B, *, power, eps, scale):
-    """DESIGN §5 in fp64: (value, per-sample ‖Δ_i‖²/d, ∂value/∂F)."""
+    """docs/design.md §5 in fp64: (value, per-sample ‖Δ_i‖²/d, ∂value/∂F)."""
     delta = (A.detach().double() - B.detach().double()).reshape(A.shape[0], -1)
     n, d = delta.shape
     per_sample = (delta * delta).sum(1) / d
@@ -127,7 +127,7 @@ def test_no_gradient_to_A_or_B(impl):
 
 
 def test_gradient_is_that_of_the_surrogate(impl):
-    """∂/∂F equals autograd of λ·mean_i sg(w_i)·‖F_i - sg(F_i - Δ_i)‖²/d (DESIGN §3), any k."""
+    """∂/∂F equals autograd of λ·mean_i sg(w_i)·‖F_i - sg(F_i - Δ_i)‖²/d (docs/design.md §3), any k."""
     for power in (0.0, 0.5, 1.0):
         F, A, B = inputs((4, 3, 5), torch.float64)
         impl(F, A, B, power=power, scale=0.6).backward()

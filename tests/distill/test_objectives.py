@@ -1,4 +1,4 @@
-"""Each objective's gradient equals the gradient of its written-out formula (DESIGN §3).
+"""Each objective's gradient equals the gradient of its written-out formula (docs/design.md §3).
 
 References are written from the formulas with plain autograd: ``∂F/∂δ`` by reverse mode
 (``autograd.grad`` of the summed output w.r.t. δ, each row depending only on its own δ), the

@@ -62,7 +62,7 @@ def test_forward_jvp_and_backward_match_reference(tangent_on):
     for name, model in (("triton", tri), ("reference", ref)):
         out, tout = model.forward_jvp(x, t, y, dt, gw, **tangents)
         assert out.requires_grad and not tout.requires_grad
-        # the surrogate of DESIGN §3: gradient through F only, with the tangent as a constant
+        # the surrogate of docs/design.md §3: gradient through F only, with the tangent as a constant
         (out * (out + dt[:, None, None, None] * tout).detach()).sum().backward()
         outs[name] = (out.detach(), tout)
     for i, what in enumerate(("out", "tangent")):
