@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import os
+import textwrap
 from dataclasses import dataclass, fields
 
 from .distill import DistillConfig
@@ -15,37 +19,53 @@ class TrainConfig:
     """Everything about a run except the distillation hyperparameters (``DistillConfig``)."""
 
     preset: str = "mnist"
+    """Named starting point (see the list below); its values override these defaults."""
     teacher_ckpt: str = ""
     """Teacher checkpoint (official DiT/SiT/REPA layouts or ours). Empty: the preset's bundled teacher."""
     teacher_family: str = ""
     """Override the inferred checkpoint family ("sit", "repa", "freeflow", "internal")."""
     out: str = "runs/freeflow-mnist"
+    """Run folder: config.json, metrics.jsonl, checkpoints/, samples/, student_ema.pt."""
     steps: int = 1200
+    """Optimizer steps in total (a resumed run continues up to this count)."""
     batch_size: int = 64
     """Global batch (split across processes), divided pred_fraction / correction."""
     lr: float = 1e-4
+    """AdamW learning rate of the student."""
     aux_lr: float = 1e-4
+    """AdamW learning rate of the auxiliary network g_ψ."""
     beta1: float = 0.9
+    """AdamW β1 (student and aux)."""
     beta2: float = 0.95
+    """AdamW β2 (student and aux)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (student and aux)."""
     grad_clip: float = 1.0
     """Clip the student's global gradient norm (0 = off)."""
     ema_decay: float = 0.9999
+    """Decay of the student's EMA (what student_ema.pt holds)."""
     aux: str = "full"
     """Auxiliary network g_ψ: "full" copy of the teacher or "lora" adapters (memory)."""
     lora_rank: int = 32
+    """Rank of the LoRA adapters when --aux lora."""
     seed: int = 0
+    """Seed of the training stream (noises, classes, γ, δ) and of the grid."""
     precision: str = "auto"
     """"auto" (bf16 autocast for the teacher on CUDA, fp32 on CPU), "fp32" or "bf16"."""
     tf32: bool = True
+    """Allow TF32 matmuls on CUDA."""
     threads: int = 0
     """CPU threads per process (torch.set_num_threads); 0 keeps torch's default."""
     backend: str = "auto"
     """Kernels: "auto" (Triton on CUDA), "reference" or "triton"."""
     log_every: int = 10
+    """Steps between rows of metrics.jsonl (and TensorBoard / W&B)."""
     ckpt_every: int = 200
+    """Steps between checkpoints (atomic; a killed run resumes from the newest good one)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept in OUT/checkpoints."""
     sample_every: int = 200
+    """Steps between teacher-vs-student grids in OUT/samples (written after the checkpoint)."""
     grid_size: int = 8
     """Samples per row in the teacher-vs-student grid."""
     teacher_steps: int = 32
@@ -60,6 +80,10 @@ class TrainConfig:
     """Continue from the newest good checkpoint in --out when there is one."""
     smoke: bool = False
     """A few steps and a small evaluation: checks the whole pipeline in a minute (CI)."""
+    vae: str = ""
+    """Local diffusers AutoencoderKL folder: grids of latent models are decoded through it (else channel 0)."""
+    wandb: str = ""
+    """Weights & Biases project to log the metrics to (needs `pip install wandb`); empty: off."""
 
     def validate(self):
         _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
@@ -120,13 +144,45 @@ PRESETS = {
     "repa-xl2-256": dict(_IMAGENET, out="runs/freeflow-repa-xl2-256", aux="lora"),
     "repa-xl2-512": dict(_IMAGENET, out="runs/freeflow-repa-xl2-512", aux="lora", batch_size=128),
 }
+# Help for the DistillConfig fields whose docstring sits on their partner field (freeflow/distill/engine.py).
+DISTILL_HELP = {
+    "delta_logit_mean": 'Mean of logit(δ) when --delta-dist logit_normal.',
+    "delta_logit_std": 'Std of logit(δ) when --delta-dist logit_normal.',
+    "gw_max": "Upper end of the γ range (see --gw-min).",
+    "r_logit_std": "Std of logit(r) of the correction (see --r-logit-mean).",
+    "balance_eps": "ε in the denominator of the balance λ (see --alpha).",
+}
+PRESET_HELP = {
+    "mnist": "the bundled CPU demo: its shipped teacher, 1,000 steps, FD evaluation (minutes on 2 cores)",
+    "sit-b2-256": "SiT-B/2 at 256 px (latent 32x32x4): needs --teacher-ckpt, full aux copy",
+    "sit-xl2-256": "SiT-XL/2 at 256 px: needs --teacher-ckpt, LoRA aux",
+    "repa-xl2-256": "REPA SiT-XL/2 at 256 px (the paper's 1.45 FID setting): needs --teacher-ckpt, LoRA aux",
+    "repa-xl2-512": "REPA SiT-XL/2 at 512 px: needs --teacher-ckpt, LoRA aux, global batch 128",
+}
 SMOKE = dict(steps=6, batch_size=8, log_every=1, ckpt_every=3, sample_every=6, eval_samples=64, teacher_steps=8,
              grid_size=4)
 
 
-def _add_field(parser, f, default):
+def field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under a field), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _help(doc, default):
+    shown = "''" if default == "" else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
+    return f"{doc + ' ' if doc else ''}(default: {shown})".replace("%", "%%")
+
+
+def _add_field(parser, f, default, doc=""):
     flag = "--" + _flag(f.name)
-    kw = dict(dest=f.name, default=argparse.SUPPRESS, help=(f.metadata.get("help") or None))
+    kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(doc, default))
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif isinstance(default, tuple):
@@ -136,27 +192,57 @@ def _add_field(parser, f, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<14} {PRESET_HELP.get(name, '')}" for name in PRESETS)
     p = argparse.ArgumentParser(
         prog="python -m freeflow.train",
         description="FreeFlow: data-free flow map distillation. With no arguments: the bundled MNIST demo "
                     "(distils the shipped teacher into a one-step student on CPU and reports FD).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=f"presets (--preset NAME; a preset overrides the defaults shown above):\n{presets}\n\n"
+               "Precedence: flags > --smoke > --config file > preset > defaults. "
+               "A run writes OUT/config.json; `--config OUT/config.json` replays it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                   help="replay a run's config.json ({'train': ..., 'distill': ...}); flags beside it override it")
     run = p.add_argument_group("run")
+    docs = field_docs(TrainConfig)
     for f in fields(TrainConfig):
-        _add_field(run, f, f.default)
+        _add_field(run, f, f.default, docs.get(f.name, ""))
     dis = p.add_argument_group("distillation (freeflow.distill.DistillConfig; see docs/distill.md)")
+    docs = {**DISTILL_HELP, **field_docs(DistillConfig)}
     for f in fields(DistillConfig):
-        _add_field(dis, f, f.default)
+        _add_field(dis, f, f.default, docs.get(f.name, ""))
     return p
 
 
+def load_config_file(path: str) -> dict:
+    """The ``train`` and ``distill`` values of a run's config.json, as one flat dict."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r} is not a file (expected a run's config.json)")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"--config {path!r} is not valid JSON: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("train"), dict):
+        raise ValueError(f"--config {path!r} must hold {{'train': {{...}}, 'distill': {{...}}}} "
+                         "as written by python -m freeflow.train")
+    values = {**record["train"], **record.get("distill", {})}
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(DistillConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path!r} has unknown keys {unknown}")
+    return values
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, DistillConfig]:
-    """Flags > preset > defaults. Unknown flags and invalid values raise before any work."""
+    """Flags > --smoke > --config file > preset > defaults. Unknown flags and invalid values raise before any work."""
     args = vars(build_parser().parse_args(argv))
-    preset = args.get("preset", TrainConfig.preset)
+    replay = load_config_file(args.pop("config")) if "config" in args else {}
+    preset = args.get("preset", replay.get("preset", TrainConfig.preset))
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
     merged = {k: v for k, v in PRESETS[preset].items() if k != "needs_teacher_ckpt"}
+    merged.update(replay)  # a replayed config.json already holds its preset's and --smoke's values
     if args.get("smoke"):
         merged.update(SMOKE)
     merged.update(args)

@@ -25,7 +25,7 @@ from .distributed import Processes, all_reduce_mean_, all_reduce_sum, init_proce
 from .ema import ema_update_
 from .models import DiT, FlowMapStudent, GuidedVelocityNet, load_checkpoint, save_checkpoint
 from .runlog import MetricsLog, progress
-from .viz import plot_losses, save_grid
+from .viz import decode_latents, load_vae, plot_losses, save_grid
 
 BUNDLED_TEACHERS = {"mnist": str(ASSETS_DIR / TEACHER_FILE)}
 
@@ -51,6 +51,18 @@ def build_aux(cfg: TrainConfig, teacher: DiT) -> tuple[GuidedVelocityNet, list]:
     return aux, lora_parameters(aux) + list(aux.net.gw_embedder.parameters())
 
 
+def start_wandb(cfg: TrainConfig, dcfg: DistillConfig):
+    """A Weights & Biases run for ``--wandb PROJECT`` (None when off); the config goes with it."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError("--wandb needs the wandb package (pip install 'freeflow[log]')") from e
+    return wandb.init(project=cfg.wandb, config=config_dict(cfg, dcfg), dir=cfg.out,
+                      name=os.path.basename(os.path.normpath(cfg.out)))
+
+
 def trainable_state(module: torch.nn.Module, params: list) -> dict:
     """State of the trainable tensors only (LoRA aux: the adapters, not the frozen teacher copy)."""
     ids = {id(p) for p in params}
@@ -68,9 +80,14 @@ def grid_inputs(cfg: TrainConfig, shape, num_classes, device):
     return z, y, gw
 
 
-def write_grid(path, teacher_x, student_x, nrow):
-    """Rows: teacher (multi-step) over student (1 step), the same noises column by column."""
-    if teacher_x.shape[1] not in (1, 3):  # latents: show the first channel (decode with freeflow.sample)
+def write_grid(path, teacher_x, student_x, nrow, vae=None):
+    """Rows: teacher (multi-step) over student (1 step), the same noises column by column.
+
+    Latent samples are decoded through ``vae`` when one is given; without it the grid shows their first channel.
+    """
+    if vae is not None:
+        teacher_x, student_x = decode_latents(teacher_x, vae), decode_latents(student_x, vae)
+    if teacher_x.shape[1] not in (1, 3):
         teacher_x, student_x = teacher_x[:, :1], student_x[:, :1]
     rows = []
     for i in range(0, teacher_x.shape[0], nrow):
@@ -141,6 +158,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
             json.dump({**config_dict(cfg, dcfg), "world_size": procs.world, "device": str(device),
                        "teacher_family": teacher.family, "teacher_config": tcfg.to_dict()}, f, indent=2)
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step) if procs.main else None
+    wandb_run = start_wandb(cfg, dcfg) if procs.main else None
+    vae = load_vae(cfg.vae, device) if procs.main else None
     grid_z, grid_y, grid_gw = grid_inputs(cfg, shape, num_classes, device)
     grid_teacher = None  # the teacher's half of the grid never changes: computed once, when first needed
     shard = (procs.rank, procs.world) if procs.world > 1 else None
@@ -173,23 +192,31 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
                    "grad_norm": float(grad_norm), "steps_per_s": steps_since / max(now - t_last, 1e-9)}
             t_last, steps_since = now, 0
             log.write(row)
+            if wandb_run is not None:
+                wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(pred=f"{row['pred_loss']:.4f}", corr=f"{row['corr_loss']:.4f}",
                             aux=f"{row['aux_loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
-        if procs.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            if grid_teacher is None:
-                grid_teacher = adapter.sample(grid_z, grid_y, grid_gw, steps=cfg.teacher_steps)
-            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
-            write_grid(os.path.join(cfg.out, "samples", f"step_{step:07d}.png"), grid_teacher,
-                       ema.sample(grid_z, grid_y, grid_gw), cfg.grid_size)
-        if procs.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if procs.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # before the grid: never waits on it
             ckpts.save(step, {
                 "step": step, "student": student.state_dict(), "ema": ema.state_dict(),
                 "aux": trainable_state(aux, aux_params), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "config": config_dict(cfg, dcfg)})
+        if procs.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            try:
+                if grid_teacher is None:
+                    grid_teacher = adapter.sample(grid_z, grid_y, grid_gw, steps=cfg.teacher_steps)
+                os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+                write_grid(os.path.join(cfg.out, "samples", f"step_{step:07d}.png"), grid_teacher,
+                           ema.sample(grid_z, grid_y, grid_gw), cfg.grid_size, vae)
+            except Exception as e:  # a grid is a convenience: the run goes on without it
+                print(f"[freeflow] warning: sample grid at step {step} not written ({type(e).__name__}: {e})",
+                      file=sys.stderr)
     bar.close()
 
     # -- finish ----------------------------------------------------------------------------------
+    if wandb_run is not None:
+        wandb_run.finish()
     result = {"steps": step}
     if procs.main:
         save_checkpoint(ema.net, os.path.join(cfg.out, "student_ema.pt"))  # for python -m freeflow.sample

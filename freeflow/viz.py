@@ -1,5 +1,7 @@
-"""PNG output: image grids (PIL) and loss curves (matplotlib, optional)."""
+"""PNG output: image grids (PIL), loss curves (matplotlib, optional), and latents decoded through the VAE."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -7,6 +9,29 @@ import torch
 from .runlog import read_metrics
 
 TITLE_HEIGHT = 16  # pixels above a grid for its title (PIL's default bitmap font is 11 px high)
+
+SD_VAE_SCALE = 0.18215  # latent scaling of the SD VAE used by DiT/SiT/REPA
+
+
+def load_vae(path, device):
+    """diffusers' ``AutoencoderKL`` from a local folder (None for ``''``); errors name ``--vae``."""
+    if not path:
+        return None
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as e:
+        raise ValueError("--vae needs the diffusers package (pip install 'freeflow[vae]')") from e
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--vae {path!r} is not a local folder with an AutoencoderKL")
+    return AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(x, vae):
+    """Latents → images in [-1, 1] through the VAE (``x`` itself when ``vae`` is None)."""
+    if vae is None:
+        return x
+    return vae.decode(x / SD_VAE_SCALE).sample
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
