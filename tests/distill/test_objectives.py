@@ -7,6 +7,7 @@ surrogates as ``w_i‖F_i - sg(F_i - Δ_i)‖²/d``. Everything runs in float64.
 
 import pytest
 import torch
+from checks import default_dtype_fixture
 from torch import nn
 
 from freeflow.conventions import one_step_sample
@@ -31,12 +32,7 @@ NUM_CLASSES = 3
 D = 3
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+float64_default = default_dtype_fixture(torch.float64)
 
 
 class MLPStudent(nn.Module):

@@ -3,7 +3,7 @@ torch.func.jvp and autograd (interpreted on CPU, compiled on CUDA: the ``device`
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from kernel_checks import make_check
+from checks import make_check
 
 import freeflow.kernels as K
 from freeflow.kernels.adaln import (

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from kernel_checks import make_check
+from checks import make_check
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from kernel_checks import make_check
+from checks import make_check
 
 import freeflow.kernels as K
 from freeflow.kernels.gelu import bias_gelu_jvp_reference, bias_gelu_reference

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kernel_checks import rel_err
+from checks import rel_err
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit

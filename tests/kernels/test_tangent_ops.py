@@ -1,19 +1,12 @@
 """Reference ops: each *_jvp equals torch.func.jvp of its primal; each primal passes gradcheck (fp64)."""
 import pytest
 import torch
+from checks import default_dtype_fixture
 
 import freeflow.kernels as K
 
 R = "reference"
-
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """fp64 for exact comparisons and gradcheck, restored afterwards (the default dtype is process-global)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+float64_default = default_dtype_fixture(torch.float64)  # exact comparisons and gradcheck
 
 
 def _rand(*shape, seed=0):

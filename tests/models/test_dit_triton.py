@@ -5,11 +5,12 @@
 import pytest
 import torch
 import torch.nn as nn
-from kernel_checks import fp32_default_dtype, rel_err  # noqa: F401 (autouse fixture)
+from checks import default_dtype_fixture, rel_err
 
 from freeflow.models import DiT
 
 TOL = 1e-4  # fp32; attention's accumulation order dominates
+fp32_default_dtype = default_dtype_fixture(torch.float32)
 
 
 def pair(seed=0, **config):

@@ -1,15 +1,18 @@
-"""Comparison helpers shared by the kernel tests (the Triton path against the references)."""
+"""Helpers shared by the test areas: comparisons (the Triton path against the references) and dtype fixtures."""
 import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def fp32_default_dtype():
-    """Tensors made without a dtype are fp32, whatever another test module set globally."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+def default_dtype_fixture(dtype: torch.dtype):
+    """An autouse fixture: tensors made without a dtype are ``dtype`` in the module (or folder) that binds it,
+    whatever another module set; the default dtype is process-global, so it is restored afterwards."""
+    @pytest.fixture(autouse=True)
+    def _default_dtype():
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        yield
+        torch.set_default_dtype(old)
+    return _default_dtype
 
 
 def rel_err(a, b, floor=0.0):
