@@ -166,8 +166,8 @@ def demo_table(student_path, *, samples=500, gw=2.0, settings=((8, 2), (8, 4), (
     """Search + teacher against the teacher alone at equal total NFE on the bundled MNIST demo.
 
     The teacher-alone step count is the largest whose NFE does not exceed the search's total (Heun: 2·(2S - 1) per
-    sample with CFG, so S' = S + K/4; Euler: S' = S + K/2). Scores: FD to the 5,000 real digits and the accuracy of the bundled
-    classifier on the intended classes (the same network is the verifier, so accuracy flatters the search).
+    sample with CFG, so S' = S + K/4; Euler: S' = S + K/2). Scores: FD to the 5,000 real digits and the accuracy of
+    the bundled classifier on the intended classes (the same network is the verifier: accuracy flatters the search).
     """
     from . import solvers
     from .demo import ASSETS_DIR, TEACHER_FILE
