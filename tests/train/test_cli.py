@@ -118,3 +118,49 @@ def test_latent_grid_is_decoded_through_the_vae(tmp_path):
     write_grid(str(tmp_path / "h.png"), teacher, student, 2)  # no VAE: the first latent channel, grey
     plain = np.asarray(Image.open(tmp_path / "h.png"))
     assert (plain[2:6, 2:6, 0] == plain[2:6, 2:6, 2]).all()
+
+
+_FAKE_WANDB = '''
+import json, os
+_path = os.environ["FAKE_WANDB_LOG"]
+
+
+class _Run:
+    def log(self, row, step=None):
+        with open(_path, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\\n")
+
+    def finish(self):
+        with open(_path, "a") as f:
+            f.write(json.dumps({"finished": True}) + "\\n")
+
+
+def init(project=None, config=None, dir=None, name=None):
+    with open(_path, "a") as f:
+        f.write(json.dumps({"project": project, "config": config, "name": name}) + "\\n")
+    return _Run()
+'''
+
+
+def test_wandb_logs_the_config_and_every_metrics_row(tmp_path):
+    """A stand-in ``wandb`` module on the path records the calls the trainer makes."""
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "wandb.py").write_text(_FAKE_WANDB)
+    torch.manual_seed(0)
+    cfg = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                    learn_sigma=False)
+    save_checkpoint(DiT(cfg, family="internal"), str(tmp_path / "teacher.pt"))
+    log = tmp_path / "wandb.jsonl"
+    path = os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "freeflow.train", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
+                           "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--log-every", "1",
+                           "--sample-every", "100", "--no-evaluate", "--backend", "reference", "--wandb", "proj"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "FAKE_WANDB_LOG": str(log),
+                               "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0]["project"] == "proj" and calls[0]["config"]["train"]["steps"] == 2 and calls[0]["name"] == "run"
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in calls[1:-1]] == [m["step"] for m in metrics] == [1, 2]
+    assert calls[1]["pred_loss"] == metrics[0]["pred_loss"] and calls[-1] == {"finished": True}
