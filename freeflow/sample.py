@@ -149,10 +149,6 @@ class Sampler:
         return self.teacher.sample(x, y, gw, t_start=1.0 - a.delta, **solver)
 
 
-def decode(x, vae):
-    return decode_latents(x, vae)
-
-
 def as_rgb_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] → (N, H, W, 3) uint8 (grey repeated; latents without a VAE: channels 0-2)."""
     arr = to_uint8(images[:, :3])
@@ -172,7 +168,7 @@ def shard_file(folder: str, k: int) -> str:
 def _settings(a) -> dict:
     """What determines the samples: a folder of shards is resumed only under the same settings."""
     keys = ("mode", "student", "teacher", "family", "n", "shard_size", "gw", "guidance_interval", "solver", "steps",
-            "delta", "candidates", "verifier", "class_label", "seed", "vae")
+            "delta", "class_label", "seed", "vae") + (("candidates", "verifier") if a.mode == "search" else ())
     return json.loads(json.dumps({k: getattr(a, k) for k in keys}))
 
 

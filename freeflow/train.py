@@ -243,6 +243,9 @@ def main(argv=None) -> int:
     except FloatingPointError as e:
         print(f"[freeflow] {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as e:  # inputs found wrong once opened (--teacher-ckpt, --vae, --wandb)
+        print(f"python -m freeflow.train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         procs.close()
     return 0
