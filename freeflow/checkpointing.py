@@ -6,6 +6,7 @@ as ``*.corrupt`` and the previous one is used.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -13,11 +14,18 @@ import sys
 import torch
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path to write; on success it is renamed over ``path`` (a kill leaves ``path`` as it was)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    yield tmp
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class CheckpointDir:

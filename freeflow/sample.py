@@ -32,6 +32,7 @@ import zipfile
 import numpy as np
 import torch
 
+from .checkpointing import atomic_path
 from .distill import TeacherAdapter
 from .distributed import init_processes
 from .models import FlowMapStudent, load_checkpoint
@@ -176,25 +177,23 @@ def _check_settings(folder, a, main):
     path = os.path.join(folder, "settings.json")
     if main:
         os.makedirs(folder, exist_ok=True)
+        settings = _settings(a)
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            if old != _settings(a):
-                diff = sorted(k for k in set(old) | set(_settings(a)) if old.get(k) != _settings(a).get(k))
+            if old != settings:
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise ValueError(f"--npz {a.npz!r}: the shards in {folder} were written with other settings "
                                  f"({', '.join(diff)}); remove that folder or choose another --npz")
         else:
-            with open(path + ".tmp", "w") as f:
-                json.dump(_settings(a), f, indent=1)
-            os.replace(path + ".tmp", path)
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
 
 
 def write_shard(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """One shard, atomically (temporary file + rename): a kill never leaves a shard that looks complete."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels)
-    os.replace(tmp, path)
 
 
 def _npy_header(f, shape, dtype):
@@ -207,8 +206,7 @@ def merge_shards(folder: str, num_shards: int, out: str) -> None:
     first = np.load(shard_file(folder, 0))
     hwc = first["images"].shape[1:]
     n = sum(np.load(shard_file(folder, k))["labels"].shape[0] for k in range(num_shards))
-    tmp = f"{out}.tmp.{os.getpid()}"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, key, shape, dtype in (("arr_0.npy", "images", (n, *hwc), np.uint8),
                                         ("arr_1.npy", "labels", (n,), np.int64)):
             with zf.open(name, "w", force_zip64=True) as f:
@@ -216,7 +214,6 @@ def merge_shards(folder: str, num_shards: int, out: str) -> None:
                 for k in range(num_shards):
                     with np.load(shard_file(folder, k)) as shard:
                         f.write(np.ascontiguousarray(shard[key], dtype=dtype).tobytes())
-    os.replace(tmp, out)
 
 
 def _grid_rows(folder, count):
