@@ -31,7 +31,8 @@ class DistillConfig:
     """Hyperparameters of one distillation step. Defaults follow docs/design.md §3; see docs/distill.md."""
 
     pred_fraction: float = 0.75
-    """Share of each batch used by the prediction objective; the rest is correction. 1.0 = no correction."""
+    """Share of each batch used by the prediction objective; the rest is correction. 1.0 = no correction;
+    0.0 = correction only (an ablation: λ is then the fixed ``alpha``, with no prediction residual to balance)."""
     power: float = 1.0
     """k of the adaptive weight ``w = (‖Δ‖²/d + eps)^-k`` (paper ablation: k = 1 best)."""
     eps: float = 1e-3
@@ -63,7 +64,7 @@ class DistillConfig:
     def __post_init__(self):
         self.pred_guidance_interval = tuple(self.pred_guidance_interval)
         self.corr_guidance_interval = tuple(self.corr_guidance_interval)
-        _check(0.0 < self.pred_fraction <= 1.0, "pred_fraction", "a float in (0, 1]", self.pred_fraction)
+        _check(0.0 <= self.pred_fraction <= 1.0, "pred_fraction", "a float in [0, 1]", self.pred_fraction)
         _check(self.power >= 0.0, "power", "k >= 0", self.power)
         _check(self.eps > 0.0, "eps", "a positive float", self.eps)
         _check(self.delta_dist in obj.DELTA_DISTRIBUTIONS, "delta_dist",
@@ -127,7 +128,8 @@ class Distiller:
         """``(n_pred, n_corr)``: the prediction / correction split of one batch."""
         n_pred = round(batch_size * self.config.pred_fraction)
         n_corr = batch_size - n_pred
-        if n_pred < 1 or (self.config.pred_fraction < 1.0 and n_corr < 1):
+        need_pred, need_corr = self.config.pred_fraction > 0.0, self.config.pred_fraction < 1.0
+        if (need_pred and n_pred < 1) or (need_corr and n_corr < 1):
             raise ValueError(f"batch_size={batch_size} is too small for pred_fraction="
                              f"{self.config.pred_fraction}: both parts need at least one sample")
         return n_pred, n_corr
@@ -184,6 +186,8 @@ class Distiller:
         c = self.config
         n_pred, n_corr = self.split(batch_size)
         rows = _shard_rows(shard, n_pred, n_corr)
+        if n_pred == 0:
+            return self._correction_only(n_corr, rows[1], generator, reduce)
         z, y, gw, delta = (t[rows[0]] for t in self._draw_prediction(n_pred, generator))
         F, F_dot = obj.student_and_tangent(self.student, z, delta, y, gw, method=c.tangent,
                                            fd_step=c.fd_step)
@@ -193,11 +197,7 @@ class Distiller:
             pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
             return {"student": pred_loss, "aux": None, **_metrics(pred_loss, pred_msq, n_pred, reduce=reduce)}
 
-        zc, yc, gwc, r, noise = (t[rows[1]] for t in self._draw_correction(n_corr, generator))
-        ones = torch.ones_like(r)
-        F1 = self.student(zc, ones, yc, gwc)
-        x1 = zc - F1
-        x_r = obj.noised(x1, noise, r)
+        F1, x1, x_r, r, yc, gwc, noise = self._correction_inputs(n_corr, rows[1], generator)
         u, u_c = self._teacher_targets(x_hat, delta, y, gw, x_r, r, yc, gwc)
         g = self.aux(x_r, r, yc, gwc)
 
@@ -210,6 +210,25 @@ class Distiller:
         aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
         metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr, reduce=reduce)
         return {"student": pred_loss + corr_loss, "aux": aux_loss, **metrics}
+
+    def _correction_inputs(self, n_corr, rows, generator):
+        """``F₁ = F_θ(z', 1)`` (with grad), ``x₁``, ``x_r`` and the draws of the correction rows."""
+        zc, yc, gwc, r, noise = (t[rows] for t in self._draw_correction(n_corr, generator))
+        F1 = self.student(zc, torch.ones_like(r), yc, gwc)
+        x1 = zc - F1
+        return F1, x1, obj.noised(x1, noise, r), r, yc, gwc, noise
+
+    def _correction_only(self, n_corr, rows, generator, reduce):
+        """``pred_fraction = 0`` (ablation): the correction alone, scaled by the fixed λ = α."""
+        c = self.config
+        F1, x1, x_r, r, yc, gwc, noise = self._correction_inputs(n_corr, rows, generator)
+        u_c = self.teacher.guided_velocity(x_r, r, yc, gwc, *c.corr_guidance_interval)
+        g = self.aux(x_r, r, yc, gwc)
+        corr_loss, corr_msq = obj.correction_loss(F1, g.detach(), u_c, scale=c.alpha)
+        aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
+        zero = corr_loss.detach().new_zeros(())
+        metrics = _metrics(zero, zero.reshape(1), 0, corr_loss, corr_msq, c.alpha, aux_loss, n_corr, reduce=reduce)
+        return {"student": corr_loss, "aux": aux_loss, **metrics}
 
 
 def _shard_rows(shard, n_pred, n_corr):

@@ -327,6 +327,24 @@ def test_prediction_only_config_needs_no_aux():
                   num_classes=NUM_CLASSES)
 
 
+def test_correction_only_config_matches_the_written_out_correction_with_lambda_alpha():
+    student, aux = JvpStudent(), AuxNet()
+    cfg = DistillConfig(pred_fraction=0.0, gw_min=1.0, gw_max=2.0, corr_guidance_interval=(0.0, 0.7), alpha=0.5)
+    distiller = Distiller(student, teacher_fn, aux, cfg, sample_shape=(D,), num_classes=NUM_CLASSES)
+    out = distiller.losses(4, generator=torch.Generator().manual_seed(1))
+    assert (out["n_pred"], out["n_corr"], out["pred_loss"], out["lambda"]) == (0, 4, 0.0, 0.5)
+
+    _, (z_c, y_c, gw_c, r, noise) = _redraw(1, 0, 4)
+    F1 = student(z_c, torch.ones(4), y_c, gw_c)
+    x_r = (1 - r[:, None]) * (z_c - F1).detach() + r[:, None] * noise
+    u_c = TeacherAdapter(teacher_fn, NUM_CLASSES).guided_velocity(x_r, r, y_c, gw_c, 0.0, 0.7)
+    Delta_c = (aux(x_r, r, y_c, gw_c) - u_c).detach()
+    surrogate = 0.5 * ((F1 - (F1.detach() - Delta_c)).pow(2).sum(1) / D).mean()
+    assert out["corr_msq"] == pytest.approx(float(Delta_c.pow(2).sum(1).div(D).mean()), rel=1e-6)  # fp32 metric
+    for got, ref in zip(_grads(student, out["student"]), _grads(student, surrogate)):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
 def test_one_step_sample_is_z_minus_F_at_one():
     student = MLPStudent()
     z, _, y, gw = _batch()
@@ -338,7 +356,7 @@ def test_one_step_sample_is_z_minus_F_at_one():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("pred_fraction", 0.0), ("pred_fraction", 1.5), ("power", -1.0), ("eps", 0.0),
+    ("pred_fraction", -0.1), ("pred_fraction", 1.5), ("power", -1.0), ("eps", 0.0),
     ("delta_dist", "beta"), ("delta_one_prob", 1.2), ("gw_min", 5.0),
     ("pred_guidance_interval", (0.5, 0.2)), ("corr_guidance_interval", (0.0, 1.5)),
     ("r_logit_std", 0.0), ("alpha", -1.0), ("tangent", "fd"), ("fd_step", 0.6),
