@@ -6,6 +6,8 @@ teacher's family: for a SiT teacher the time input is mapped t' = 1 - t and the 
 * ``FlowMapStudent``: ``F_θ(z, δ)`` with the one-step map ``z - δ·F``. The network's time input is fixed at
   the noise end; δ and the guidance weight γ enter through ``dt_embedder`` / ``gw_embedder`` (zero-initialised
   last Linear), so at initialisation ``F_θ(z, δ) = v_teacher(z, t=1)``: one Euler step of the teacher.
+  An optional start time ``t`` (default 1) makes the same network a two-time map ``u(x_t, t, δ)`` with
+  ``x_{t-δ} = x_t - δ·u``, as the data-based MeanFlow baseline (``freeflow.distill.meanflow``) trains it.
 * ``GuidedVelocityNet``: ``g_ψ(x, t, y, γ)``, the correction branch's estimate of the student's own
   velocity field, initialised as a copy of the teacher plus a zero-initialised ``gw_embedder``.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..conventions import internal_velocity, native_time, one_step_sample
+from ..conventions import FLIPPED_FAMILIES, internal_velocity, native_time, one_step_sample
 from .dit import DiT, DiTConfig
 
 
@@ -66,15 +68,33 @@ class FlowMapStudent(_ConventionMixin, nn.Module):
         _check_family(teacher)
         return cls(_clone_with(teacher, take_dt=True, take_gw=True))
 
-    def _time(self, z):
-        return self.native_time(torch.ones(z.shape[0], device=z.device, dtype=torch.float32))
+    def _time(self, z, t=None):
+        """The network's time input: the noise end (internal t = 1) when ``t`` is None, else ``t`` mapped."""
+        if t is None:
+            return self.native_time(torch.ones(z.shape[0], device=z.device, dtype=torch.float32))
+        return self.native_time(t)
 
-    def forward(self, z, delta, y, gw):
-        return self.internal_velocity(self.net(z, self._time(z), y, dt=delta, gw=gw))
+    def _time_tangent(self, tt):
+        """Tangent of the native time along ``tt``: d(native)/dt = -1 for flipped families (t' = 1 - t)."""
+        if tt is None:
+            return None
+        return -tt if self.net.family in FLIPPED_FAMILIES else tt
 
-    def forward_jvp(self, z, delta, y, gw, *, tz=None, tdelta=None, tgw=None):
-        """(F, dF along the tangents); the trainer uses ``tdelta = 1`` for ∂F/∂δ."""
-        out, tout = self.net.forward_jvp(z, self._time(z), y, dt=delta, gw=gw, tx=tz, tdt=tdelta, tgw=tgw)
+    def forward(self, z, delta, y, gw, t=None):
+        """``F_θ(z, δ)`` from the noise end, or ``u_θ(x_t, t, δ)`` from time ``t`` (N,) when given.
+
+        The map is ``x_{t-δ} = x_t - δ·F``; ``t=None`` means ``t = 1`` (the FreeFlow student).
+        """
+        return self.internal_velocity(self.net(z, self._time(z, t), y, dt=delta, gw=gw))
+
+    def forward_jvp(self, z, delta, y, gw, *, tz=None, tdelta=None, tgw=None, t=None, tt=None):
+        """(F, dF along the tangents); the trainer uses ``tdelta = 1`` for ∂F/∂δ.
+
+        ``t`` as in :meth:`forward`; ``tt`` is a tangent on that (internal) time, so ``tz=v, tt=1, tdelta=1``
+        gives MeanFlow's total derivative. For flipped families the network's time tangent is ``-tt``.
+        """
+        out, tout = self.net.forward_jvp(z, self._time(z, t), y, dt=delta, gw=gw, tx=tz,
+                                         tt=self._time_tangent(tt), tdt=tdelta, tgw=tgw)
         return self.internal_velocity(out), self.internal_velocity(tout)
 
     def sample(self, z, y, gw, delta=None):
