@@ -88,10 +88,14 @@ def test_kernels_import_nothing_else_from_freeflow():
 
 
 def test_layers_point_one_way():
-    """models never import distill or the CLIs; distill never imports models, kernels or the CLIs."""
+    """models never import distill or the CLIs; distill never imports models, kernels or the CLIs; nothing
+    but the experiments imports the experiments."""
     graph = _graph()
-    upper = ("freeflow.train", "freeflow.sample", "freeflow.evaluate", "freeflow.config", "freeflow.demo")
+    upper = ("freeflow.train", "freeflow.sample", "freeflow.evaluate", "freeflow.config", "freeflow.demo",
+             "freeflow.experiments")
     for m, targets in graph.items():
+        if not m.startswith("freeflow.experiments"):  # the experiments sit on top of everything
+            assert not [t for t in targets if t.startswith("freeflow.experiments")], m
         if m.startswith("freeflow.models"):
             assert not [t for t in targets if t.startswith(("freeflow.distill",) + upper)], m
         if m.startswith("freeflow.distill"):
