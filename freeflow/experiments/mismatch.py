@@ -95,9 +95,9 @@ def run(args) -> dict:
             done = json.load(f).get("data_based", {})
     free = score_checkpoints(scorer, teacher, free_dir, max_step=args.steps)
     data_based, drift = {}, {}
+    real = torch.randperm(len(images), generator=torch.Generator().manual_seed(4))[: args.samples]  # sorted by label
     for s in strengths:
-        drifted = augment(images[: args.samples], s, torch.Generator().manual_seed(5))
-        drift[str(s)] = scorer.score(drifted, labels[: args.samples])
+        drift[str(s)] = scorer.score(augment(images[real], s, torch.Generator().manual_seed(5)), labels[real])
         if str(s) in done and done[str(s)]["curve"][-1]["step"] >= args.steps:
             data_based[str(s)] = done[str(s)]
             continue
