@@ -95,6 +95,8 @@ def run(args) -> dict:
             done = json.load(f).get("data_based", {})
     free = score_checkpoints(scorer, teacher, free_dir, max_step=args.steps)
     data_based, drift = {}, {}
+    payload = {**environment(), "scorer": scorer.settings(), "steps": args.steps,
+               "data_free": {"run": free_dir, "curve": free}, "data_based": data_based, "augmented_data": drift}
     real = torch.randperm(len(images), generator=torch.Generator().manual_seed(4))[: args.samples]  # sorted by label
     for s in strengths:
         drift[str(s)] = scorer.score(augment(images[real], s, torch.Generator().manual_seed(5)), labels[real])
@@ -104,11 +106,7 @@ def run(args) -> dict:
         run_dir = os.path.join(args.runs, f"mismatch-{s:g}")
         train_baseline(run_dir, teacher, images, labels, s, args.steps, args.ckpt_every)
         data_based[str(s)] = {"run": run_dir, "curve": score_checkpoints(scorer, teacher, run_dir)}
-        write_json(path, {**environment(), "scorer": scorer.settings(), "steps": args.steps,
-                          "data_free": {"run": free_dir, "curve": free}, "data_based": data_based,
-                          "augmented_data": drift})
-    payload = {**environment(), "scorer": scorer.settings(), "steps": args.steps,
-               "data_free": {"run": free_dir, "curve": free}, "data_based": data_based, "augmented_data": drift}
+        write_json(path, payload)  # after each strength, so a killed call keeps the finished ones
     write_json(path, payload)
     xs = strengths
     plot(os.path.join(args.out, "mismatch.png"),
