@@ -135,6 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=int, default=TEACHER_ARCH["depth"])
     g.add_argument("--heads", type=int, default=TEACHER_ARCH["num_heads"])
     g.add_argument("--patch", type=int, default=TEACHER_ARCH["patch_size"])
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="save the training state here every 500 steps and resume from it (default: none)")
     g = p.add_argument_group("feature network")
     g.add_argument("--feature-epochs", type=int, default=15)
     g.add_argument("--feature-lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
@@ -182,7 +184,7 @@ def build_teacher(args, out, images, labels):
             "patch_size": args.patch}
     res = train_teacher(images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup=args.warmup, ema_decay=args.ema_decay, cfg_dropout=args.cfg_dropout,
-                        seed=args.seed, arch=arch)
+                        seed=args.seed, arch=arch, checkpoint_dir=args.checkpoint_dir)
     save_checkpoint(res.ema, str(out / TEACHER_FILE))
     _write_log(out, "teacher", dict(command=_command(args, "teacher"), arch=res.ema.config.to_dict(),
                                     params=sum(p.numel() for p in res.ema.parameters()), steps=res.steps,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpointing import CheckpointDir
 from ..ema import ema_update_, warmup_decay
 from ..models import DiT, DiTConfig
 from . import NUM_CLASSES
@@ -68,8 +69,13 @@ def _lr_at(step, steps, lr, warmup):
 
 def train_teacher(images, labels, *, steps, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999,
                   cfg_dropout=0.1, grad_clip=1.0, seed=0, arch=None, backend="reference", log_every=250,
-                  log=print) -> TeacherResult:
-    """Train the class-conditional flow teacher; returns the raw and the EMA model (EMA is what ships)."""
+                  log=print, checkpoint_dir=None, checkpoint_every=500) -> TeacherResult:
+    """Train the class-conditional flow teacher; returns the raw and the EMA model (EMA is what ships).
+
+    With ``checkpoint_dir`` the full state (model, EMA, optimiser, sampler generator, losses) is saved every
+    ``checkpoint_every`` steps and training resumes from the newest readable checkpoint there, so a killed
+    run continues where it stopped and ends bit-for-bit where an uninterrupted one would.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not 0.0 <= cfg_dropout < 1.0:
@@ -81,9 +87,18 @@ def train_teacher(images, labels, *, steps, batch_size=64, lr=1e-3, warmup=200, 
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
-    losses, start = [], time.time()
+    losses, first, spent = [], 0, 0.0
+    ckpts = CheckpointDir(checkpoint_dir, keep=2) if checkpoint_dir is not None else None
+    if ckpts is not None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
+        state, path = ckpts.load_newest_good()
+        if state is not None:
+            first, spent, losses = _restore(state, model, ema, opt, g, steps, path)
+            log(f"[teacher] resumed from {path} at step {first}")
+    start = time.time() - spent
     model.train()
-    for step in range(steps):
+    for step in range(first, steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
@@ -94,8 +109,24 @@ def train_teacher(images, labels, *, steps, batch_size=64, lr=1e-3, warmup=200, 
         opt.step()
         ema_update_(ema, model, warmup_decay(ema_decay, step))
         losses.append(loss.item())
+        if ckpts is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            ckpts.save(step + 1, dict(step=step + 1, steps=steps, seconds=time.time() - start, losses=losses,
+                                      model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                      generator=g.get_state()))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             elapsed = time.time() - start
             log(f"[teacher] step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
                 f"({elapsed / (step + 1):.3f} s/step, {elapsed / 60:.1f} min)")
     return TeacherResult(model.eval(), ema.eval(), losses, time.time() - start, steps)
+
+
+def _restore(state, model, ema, opt, generator, steps, path):
+    """Load a training checkpoint in place; returns (next step, seconds spent so far, losses so far)."""
+    if state["steps"] != steps:
+        raise ValueError(f"checkpoint {path} belongs to a {state['steps']}-step run, not steps={steps}: "
+                         "the learning-rate schedule depends on the total, so point checkpoint_dir elsewhere")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    generator.set_state(state["generator"])
+    return state["step"], state["seconds"], list(state["losses"])

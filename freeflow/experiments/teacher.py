@@ -51,7 +51,8 @@ def run(args) -> dict:
         os.makedirs(folder, exist_ok=True)
         for name in (FEATURE_NET_FILE, STATS_FILE):  # the FD space stays the shipped one
             shutil.copy(ASSETS_DIR / name, os.path.join(folder, name))
-        assets.main(["--what", "teacher", "--out", folder, "--steps", str(args.steps), "--threads", str(args.threads)])
+        assets.main(["--what", "teacher", "--out", folder, "--steps", str(args.steps), "--threads", str(args.threads),
+                     "--checkpoint-dir", os.path.join(folder, "checkpoints")])
     with open(os.path.join(folder, LOG_FILE)) as f:
         record = json.load(f)["teacher"]
     gammas = [float(g) for g in args.gammas.split(",")]

@@ -57,6 +57,23 @@ def test_teacher_loss_falls_and_is_reproducible():
     assert not torch.equal(sa["final_layer.linear.weight"], raw["final_layer.linear.weight"])
 
 
+def test_teacher_resumed_from_a_checkpoint_ends_where_a_straight_run_does(tmp_path):
+    straight = _teacher(0)
+    x, y = _synthetic_digits()
+    kw = dict(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0, arch=TINY, log_every=0,
+              checkpoint_dir=str(tmp_path), checkpoint_every=15)
+    teacher.train_teacher(x, y, **kw)
+    # Keep only the step-30 state, as if the run had been killed between steps 30 and 40.
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_0000030.pt", "step_0000040.pt"]
+    (tmp_path / "step_0000040.pt").unlink()
+    resumed = teacher.train_teacher(x, y, **kw)
+    assert resumed.losses == straight.losses
+    sr, ss = _state(resumed.ema), _state(straight.ema)
+    assert all(torch.equal(sr[k], ss[k]) for k in ss)
+    with pytest.raises(ValueError, match="steps=50"):
+        teacher.train_teacher(x, y, **{**kw, "steps": 50})
+
+
 class _Probe(torch.nn.Module):
     """Predicts x_t / t, which is exactly the target n - x when the data x is 0; records the labels seen."""
 
