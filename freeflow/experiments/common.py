@@ -91,6 +91,23 @@ def student_at(teacher, ckpt_path: str) -> FlowMapStudent:
     return student.eval().requires_grad_(False)
 
 
+def averaged_student(teacher, ckpt_paths, key: str = "student") -> FlowMapStudent:
+    """The student whose weights are the uniform average of the ``key`` weights ("student" = raw, "ema") of
+    the checkpoints: Polyak averaging over a window, which stands in for a longer EMA or a decayed rate."""
+    if key not in ("student", "ema"):
+        raise ValueError(f"key must be 'student' or 'ema', got {key!r}")
+    if not ckpt_paths:
+        raise ValueError("ckpt_paths must name at least one checkpoint")
+    total = None
+    for path in ckpt_paths:
+        weights = torch.load(path, map_location="cpu", weights_only=True)[key]
+        total = ({k: v.double() for k, v in weights.items()} if total is None
+                 else {k: total[k] + v.double() for k, v in weights.items()})
+    student = FlowMapStudent.from_teacher(teacher)
+    student.load_state_dict({k: (v / len(ckpt_paths)).to(student.state_dict()[k].dtype) for k, v in total.items()})
+    return student.eval().requires_grad_(False)
+
+
 # -- scoring -------------------------------------------------------------------------------------
 
 @dataclass

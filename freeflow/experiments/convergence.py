@@ -4,6 +4,10 @@ The run is the ``mnist`` demo preset (batch 64, 1 thread) continued to ``--steps
 ``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA student is scored on the fixed inputs of
 :class:`~freeflow.experiments.common.Scorer` (1,500 samples, γ = 2), the last one with precision, recall and
 class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far.
+
+At the last checkpoint it also scores the raw weights and uniform averages of the raw and EMA weights over
+the last ``--windows`` steps: if averaging over a longer window beat the EMA, the curve would be limited by
+optimiser noise (a longer EMA or a decayed learning rate would help); if not, by the objective or capacity.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import os
 
 from .common import (
     Scorer,
+    averaged_student,
+    checkpoint_steps,
     environment,
     load_teacher,
     plot,
@@ -28,6 +34,8 @@ def add_arguments(p):
     p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints (default: 250)")
     p.add_argument("--every", type=int, default=2, help="score every N-th checkpoint (default: 2)")
     p.add_argument("--samples", type=int, default=1500, help="samples per FD (default: 1500)")
+    p.add_argument("--windows", default="1000,2000,4000",
+                   help="comma-separated step windows for the weight-averaging check (default: 1000,2000,4000)")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                    help="train (resume) before scoring (default: on)")
 
@@ -39,10 +47,12 @@ def run(args) -> dict:
     teacher, scorer = load_teacher(), Scorer(n=args.samples)
     baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, "teacher_fd.json"))
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)
+    averaging = weight_averaging(scorer, teacher, run_dir, [int(w) for w in args.windows.split(",")])
     best = min(rows, key=lambda r: r["fd"])
     teacher32 = baselines["heun32"]["fd"]
     payload = {**environment(), "scorer": scorer.settings(), "run": run_dir, "steps_trained": rows[-1]["step"],
                "train_seconds": run_seconds(run_dir), "teacher": baselines, "curve": rows,
+               "averaging": averaging,
                "best": {"step": best["step"], "fd": best["fd"]},
                "final_over_teacher32": rows[-1]["fd"] / teacher32, "best_over_teacher32": best["fd"] / teacher32}
     write_json(os.path.join(args.out, "convergence.json"), payload)
@@ -53,3 +63,24 @@ def run(args) -> dict:
     print(f"[convergence] step {rows[-1]['step']}: FD {rows[-1]['fd']:.2f} (best {best['fd']:.2f} at "
           f"{best['step']}); teacher Heun 32: {teacher32:.2f}")
     return payload
+
+
+def weight_averaging(scorer, teacher, run_dir, windows) -> list[dict]:
+    """FD at the last checkpoint of: its raw weights, its EMA, and uniform averages of the raw and of the EMA
+    weights over the checkpoints of the last ``w`` steps, for each window ``w`` that fits in the run."""
+    ckpts = checkpoint_steps(run_dir)
+    if not ckpts:
+        return []
+    last = max(ckpts)
+    rows = [{"weights": "raw", "window": 0, **scorer.score_student(averaged_student(teacher, [ckpts[last]]))},
+            {"weights": "ema", "window": 0, **scorer.score_student(averaged_student(teacher, [ckpts[last]], "ema"))}]
+    for w in sorted(windows):
+        if w >= last:
+            continue
+        paths = [p for s, p in sorted(ckpts.items()) if s > last - w]
+        for key, name in (("student", "raw average"), ("ema", "ema average")):
+            rows.append({"weights": name, "window": w, "checkpoints": len(paths),
+                         **scorer.score_student(averaged_student(teacher, paths, key))})
+    for r in rows:
+        print(f"[convergence] step {last}, {r['weights']} over {r['window']} steps: FD {r['fd']:.2f}", flush=True)
+    return rows

@@ -9,6 +9,7 @@ from freeflow.demo.data import load_digits
 from freeflow.experiments import __main__ as cli
 from freeflow.experiments.common import (
     Scorer,
+    averaged_student,
     checkpoint_steps,
     load_teacher,
     run_seconds,
@@ -16,6 +17,7 @@ from freeflow.experiments.common import (
     student_at,
     train_run,
 )
+from freeflow.experiments.convergence import weight_averaging
 from freeflow.experiments.mismatch import train_baseline
 
 
@@ -74,6 +76,22 @@ def test_train_run_keeps_every_checkpoint_and_does_not_retrain_a_finished_run(tm
     rows = score_checkpoints(scorer, teacher, run)
     assert [r["step"] for r in rows] == [0, 1, 2] and "recall" in rows[-1] and "recall" not in rows[1]
     assert all(r["fd"] > 0 for r in rows)
+
+    # Weight averaging: the element-wise mean of the checkpoints' raw weights, against a hand-made mean.
+    raw = [torch.load(ckpts[s], map_location="cpu", weights_only=True)["student"] for s in (1, 2)]
+    mean = averaged_student(teacher, [ckpts[1], ckpts[2]]).state_dict()
+    for k, v in mean.items():
+        torch.testing.assert_close(v, (raw[0][k].double() + raw[1][k].double()).div(2).to(v.dtype)), k
+    assert any(not torch.equal(raw[0][k], raw[1][k]) for k in raw[0])  # the two really differ
+    with pytest.raises(ValueError, match="key"):
+        averaged_student(teacher, [ckpts[1]], key="aux")
+    # A 1-step window at step 2 holds one checkpoint, so its averages are the raw and the EMA weights;
+    # a 2-step window would reach step 0, which has no checkpoint, and is left out.
+    table = weight_averaging(scorer, teacher, run, [1, 2])
+    assert [(r["weights"], r["window"]) for r in table] == [("raw", 0), ("ema", 0), ("raw average", 1),
+                                                            ("ema average", 1)]
+    assert table[2]["fd"] == pytest.approx(table[0]["fd"]) and table[3]["fd"] == pytest.approx(table[1]["fd"])
+    assert table[0]["fd"] != pytest.approx(table[1]["fd"])
 
 
 def test_data_based_baseline_resumes_to_the_same_student(tmp_path):
