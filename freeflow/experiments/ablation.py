@@ -12,8 +12,9 @@ import json
 import os
 
 from .common import (
+    STUDY_BASE,
     Scorer,
-    checkpoint_steps,
+    convergence_run,
     environment,
     load_teacher,
     plot,
@@ -23,12 +24,13 @@ from .common import (
     write_json,
 )
 
+# One change each from STUDY_BASE (k = 1, correction guidance [0, 0.7]); the last is the preset since then.
 VARIANTS = {
-    "both (preset: k = 1, corr. guidance [0, 0.7])": {},
-    "prediction only": {"pred_fraction": 1.0},
-    "correction only": {"pred_fraction": 0.0},
-    "k = 0": {"power": 0.0},
-    "corr. guidance [0, 1]": {"corr_guidance_interval": (0.0, 1.0)},
+    "both (k = 1, corr. guidance [0, 0.7])": STUDY_BASE,
+    "prediction only": {**STUDY_BASE, "pred_fraction": 1.0},
+    "correction only": {**STUDY_BASE, "pred_fraction": 0.0},
+    "k = 0": {**STUDY_BASE, "power": 0.0},
+    "corr. guidance [0, 1] (the mnist preset)": {"corr_guidance_interval": (0.0, 1.0)},
 }
 
 
@@ -40,11 +42,9 @@ def add_arguments(p):
 
 
 def _run_dir(args, index, overrides):
-    if not overrides:
-        conv = os.path.join(args.runs, "convergence")
-        if any(s >= args.steps for s in checkpoint_steps(conv)):
-            return conv
-    return os.path.join(args.runs, f"ablation-{index}")
+    """Variant 1 is the convergence run's first ``--steps`` when that run got that far (same computation)."""
+    shared = convergence_run(args.runs, args.steps) if overrides == STUDY_BASE else None
+    return shared or os.path.join(args.runs, f"ablation-{index}")
 
 
 def run(args) -> dict:

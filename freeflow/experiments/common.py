@@ -35,6 +35,18 @@ _CKPT = re.compile(r"step_(\d+)\.pt$")
 
 # -- runs ----------------------------------------------------------------------------------------
 
+# The study's base setting: the mnist preset as it stood when the study began, with the paper's correction
+# guidance interval [0, 0.7]. The ablation moved the preset to [0, 1]; the convergence, ablation and mismatch
+# runs keep [0, 0.7] explicitly, so that a resumed or repeated run is the computation that was reported.
+STUDY_BASE = {"corr_guidance_interval": (0.0, 0.7)}
+
+
+def convergence_run(runs: str, steps: int) -> str | None:
+    """The convergence run's folder if it already reached ``steps`` (its first ``steps`` are a STUDY_BASE run)."""
+    folder = os.path.join(runs, "convergence")
+    return folder if any(s >= steps for s in checkpoint_steps(folder)) else None
+
+
 def train_run(run_dir: str, steps: int, ckpt_every: int, overrides: dict | None = None,
               teacher_ckpt: str = "") -> str:
     """Distil (or resume, or find finished) a mnist-preset run in ``run_dir`` keeping every checkpoint."""

@@ -1,7 +1,8 @@
 """Convergence: FD of the one-step student against training step, next to the teacher's 1/2/4/32-step FD.
 
-The run is the ``mnist`` demo preset (batch 64, 1 thread) continued to ``--steps`` with a checkpoint every
-``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA student is scored on the fixed inputs of
+The run is the ``mnist`` demo preset with the paper's correction guidance interval [0, 0.7] (``STUDY_BASE``;
+the preset itself now uses [0, 1], see ``ablation``; batch 64, 1 thread) continued to ``--steps`` with a
+checkpoint every ``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA student is scored on the fixed inputs of
 :class:`~freeflow.experiments.common.Scorer` (1,500 samples, γ = 2), the last one with precision, recall and
 class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far.
 
@@ -15,6 +16,7 @@ import argparse
 import os
 
 from .common import (
+    STUDY_BASE,
     Scorer,
     averaged_student,
     checkpoint_steps,
@@ -43,7 +45,7 @@ def add_arguments(p):
 def run(args) -> dict:
     run_dir = os.path.join(args.runs, "convergence")
     if args.train:
-        train_run(run_dir, args.steps, args.ckpt_every)
+        train_run(run_dir, args.steps, args.ckpt_every, STUDY_BASE)
     teacher, scorer = load_teacher(), Scorer(n=args.samples)
     baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, "teacher_fd.json"))
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)

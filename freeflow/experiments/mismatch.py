@@ -4,7 +4,8 @@ The data-based baseline is :class:`freeflow.distill.MeanFlowDistiller` (docs/dis
 baseline"): the same student (the teacher's network with δ and γ embedders, initialised as the teacher), the
 same optimiser, batch, EMA and number of steps as the ``mnist`` preset, but trained on states ``x_t`` built
 by noising the 5,000 bundled digits after :func:`freeflow.demo.data.augment` at each ``--strengths`` value.
-The data-free student is the preset itself (the convergence run's checkpoints, or its own run), which never
+The data-free student is the study's base setting (``STUDY_BASE``: the convergence run's checkpoints, or its own
+run), which never
 reads data and so is the same at every strength. Also reported: the FD of the augmented digits themselves
 (how far each strength moves the data from the teacher's distribution).
 """
@@ -23,8 +24,9 @@ from ..distill import MeanFlowConfig, MeanFlowDistiller
 from ..ema import ema_update_
 from ..models import FlowMapStudent
 from .common import (
+    STUDY_BASE,
     Scorer,
-    checkpoint_steps,
+    convergence_run,
     environment,
     load_teacher,
     plot,
@@ -85,9 +87,8 @@ def run(args) -> dict:
             raise ValueError(f"--strengths must be in [0, 1], got {s!r}")
     teacher, scorer = load_teacher(), Scorer(n=args.samples)
     images, labels = load_digits()
-    conv = os.path.join(args.runs, "convergence")
-    free_dir = conv if any(s >= args.steps for s in checkpoint_steps(conv)) else \
-        train_run(os.path.join(args.runs, "mismatch-free"), args.steps, args.ckpt_every)
+    free_dir = convergence_run(args.runs, args.steps) or \
+        train_run(os.path.join(args.runs, "mismatch-free"), args.steps, args.ckpt_every, STUDY_BASE)
     path = os.path.join(args.out, "mismatch.json")
     done = {}
     if os.path.isfile(path):

@@ -54,7 +54,7 @@ def test_config_replays_a_run_and_flags_override_it(tmp_path):
     tc, dc = _write_config(cfg, batch_size=24, out="runs/x")
     got_t, got_d = parse_args(["--config", str(cfg)])
     assert got_t.steps == 17 and got_t.lr == 2e-4 and got_t.batch_size == 24 and got_t.out == "runs/x"
-    assert got_d.gw_max == 2.25 and got_d.corr_guidance_interval == (0.0, 0.7)
+    assert got_d.gw_max == 2.25 and got_d.corr_guidance_interval == (0.0, 1.0)  # the mnist preset's
     got_t, got_d = parse_args(["--config", str(cfg), "--steps", "5", "--gw-max", "3.5"])
     assert got_t.steps == 5 and got_t.batch_size == 24 and got_d.gw_max == 3.5
 
