@@ -49,7 +49,8 @@ def run(args) -> dict:
     teacher, scorer = load_teacher(), Scorer(n=args.samples)
     baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, "teacher_fd.json"))
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)
-    averaging = weight_averaging(scorer, teacher, run_dir, [int(w) for w in args.windows.split(",")])
+    averaging = weight_averaging(scorer, teacher, run_dir, [int(w) for w in args.windows.split(",")],
+                                 last=rows[-1]["step"])
     best = min(rows, key=lambda r: r["fd"])
     teacher32 = baselines["heun32"]["fd"]
     payload = {**environment(), "scorer": scorer.settings(), "run": run_dir, "steps_trained": rows[-1]["step"],
@@ -67,10 +68,13 @@ def run(args) -> dict:
     return payload
 
 
-def weight_averaging(scorer, teacher, run_dir, windows) -> list[dict]:
-    """FD at the last checkpoint of: its raw weights, its EMA, and uniform averages of the raw and of the EMA
-    weights over the checkpoints of the last ``w`` steps, for each window ``w`` that fits in the run."""
+def weight_averaging(scorer, teacher, run_dir, windows, last: int | None = None) -> list[dict]:
+    """FD at checkpoint ``last`` (default: the newest) of: its raw weights, its EMA, and uniform averages of
+    the raw and of the EMA weights over the checkpoints of the ``w`` steps up to it, for each window ``w``
+    that fits in the run. ``last`` pins the step when the run is still writing checkpoints."""
     ckpts = checkpoint_steps(run_dir)
+    if last is not None:
+        ckpts = {s: p for s, p in ckpts.items() if s <= last}
     if not ckpts:
         return []
     last = max(ckpts)

@@ -92,6 +92,8 @@ def test_train_run_keeps_every_checkpoint_and_does_not_retrain_a_finished_run(tm
                                                             ("ema average", 1)]
     assert table[2]["fd"] == pytest.approx(table[0]["fd"]) and table[3]["fd"] == pytest.approx(table[1]["fd"])
     assert table[0]["fd"] != pytest.approx(table[1]["fd"])
+    pinned = weight_averaging(scorer, teacher, run, [], last=1)  # a run still writing checkpoints
+    assert pinned[0]["fd"] == pytest.approx(scorer.score_student(averaged_student(teacher, [ckpts[1]]))["fd"])
 
 
 def test_data_based_baseline_resumes_to_the_same_student(tmp_path):
