@@ -13,9 +13,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -39,33 +39,44 @@ using delta_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, flo
 // Storage <-> arithmetic conversions written without branches or ternaries so that every loop
 // vectorises: GCC leaves c10's conversions (a NaN branch, `?:` on bit patterns) scalar, which made
 // fp16 ~20x slower than fp32.
+// memcpy, not C++20's std::bit_cast: torch 2.11 and older build extensions as C++17. GCC turns it into a move.
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 inline uint32_t select_mask(bool condition) { return UINT32_C(0) - static_cast<uint32_t>(condition); }
 
 inline float load(float x) { return x; }
 inline double load(double x) { return x; }
-inline float load(c10::BFloat16 x) { return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
+inline float load(c10::BFloat16 x) { return as_float(static_cast<uint32_t>(x.x) << 16); }
 // IEEE half <-> float with selects instead of branches (the FP16 library's algorithm, as in c10).
 inline float load(c10::Half x) {
   const uint32_t w = static_cast<uint32_t>(x.x) << 16;
   const uint32_t sign = w & UINT32_C(0x80000000);
   const uint32_t two_w = w + w;
   const float normalized =
-      std::bit_cast<float>((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
-  const float denormalized = std::bit_cast<float>((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+      as_float((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+  const float denormalized = as_float((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
   const uint32_t use_denormalized = select_mask(two_w < (UINT32_C(1) << 27));
-  const uint32_t magnitude = (std::bit_cast<uint32_t>(denormalized) & use_denormalized) |
-                             (std::bit_cast<uint32_t>(normalized) & ~use_denormalized);
-  return std::bit_cast<float>(sign | magnitude);
+  const uint32_t magnitude = (as_bits(denormalized) & use_denormalized) |
+                             (as_bits(normalized) & ~use_denormalized);
+  return as_float(sign | magnitude);
 }
 
 inline uint16_t half_bits(float f) {
   float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = std::bit_cast<uint32_t>(f);
+  const uint32_t w = as_bits(f);
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & UINT32_C(0x80000000);
   const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
-  base = std::bit_cast<float>((bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t bits = std::bit_cast<uint32_t>(base);
+  base = as_float((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t bits = as_bits(base);
   const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x00007C00)) + (bits & UINT32_C(0x00000FFF));
   const uint32_t is_nan = select_mask(shl1_w > UINT32_C(0xFF000000));
   return static_cast<uint16_t>((sign >> 16) | (UINT32_C(0x7E00) & is_nan) | (nonsign & ~is_nan));
@@ -74,7 +85,7 @@ inline uint16_t half_bits(float f) {
 template <typename scalar_t>
 inline scalar_t store(delta_t<scalar_t> x) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint32_t u = std::bit_cast<uint32_t>(x);
+    const uint32_t u = as_bits(x);
     const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1u)) >> 16;  // nearest-even
     const uint32_t is_nan = select_mask(x != x);
     return c10::BFloat16(static_cast<uint16_t>((UINT32_C(0x7FC0) & is_nan) | (rounded & ~is_nan)),

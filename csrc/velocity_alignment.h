@@ -1,6 +1,6 @@
 // Per-element and per-sample math of the velocity-alignment loss (docs/design.md §5), shared verbatim by
 // the CPU implementation (velocity_alignment.cpp, g++) and the CUDA kernel
-// (velocity_alignment_cuda.cu, nvcc). Every formula of the op lives here and nowhere else; the two
+// (velocity_alignment_kernel.cu, nvcc). Every formula of the op lives here and nowhere else; the two
 // backends only differ in how they load/store their storage types and split the reductions.
 //
 //   Δ_i       = A_i - B_i                          (per element, in the accumulation type)

@@ -1,6 +1,6 @@
 // CUDA registration of freeflow::velocity_alignment: checks, allocation, launch. Compiled only with
 // a CUDA build of torch (setup.py and freeflow/_ext.py leave `*_cuda.cpp` out otherwise), because
-// it includes headers that only such a build ships. The kernel itself is velocity_alignment_cuda.cu.
+// it includes headers that only such a build ships. The kernel itself is velocity_alignment_kernel.cu.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,5 +1,5 @@
 // Launcher of the CUDA velocity-alignment kernel. Plain C++ (no torch headers) so that
-// velocity_alignment_cuda.cu compiles with `nvcc -c` alone; the torch side lives in
+// velocity_alignment_kernel.cu compiles with `nvcc -c` alone; the torch side lives in
 // velocity_alignment_cuda.cpp.
 #pragma once
 

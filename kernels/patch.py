@@ -103,6 +103,8 @@ def _attention_forward(self, x):
     q, k, v = qkv.unbind(0)
     q = self.q_norm(q) if hasattr(self, "q_norm") else q
     k = self.k_norm(k) if hasattr(self, "k_norm") else k
+    # autocast runs LayerNorm in fp32 and the projections in bf16: attention takes v's dtype, as SDPA does
+    q, k = q.to(v.dtype), k.to(v.dtype)
     o = attention(q, k, v, getattr(self, "scale", None), backend=self.freeflow_backend)
     o = self.proj(o.transpose(1, 2).reshape(B, N, C))
     return self.proj_drop(o) if hasattr(self, "proj_drop") else o
@@ -110,7 +112,8 @@ def _attention_forward(self, x):
 
 def _mlp_forward(self, x):
     """timm Mlp with fc1's bias folded into the GELU kernel."""
-    h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend=self.freeflow_backend)
+    h = F.linear(x, self.fc1.weight)
+    h = bias_gelu(h, self.fc1.bias.to(h.dtype), backend=self.freeflow_backend)  # fp32 bias, bf16 h under autocast
     # Identities in DiT (p = 0, no norm), applied for fidelity: timm >= 0.6 names them drop1 / norm /
     # drop2, older timm has one `drop` used twice.
     h = _first(self, ("drop1", "drop"), h)
@@ -130,14 +133,18 @@ def _first(module, names, h):
 def _block_forward(self, x, c):
     """DiT block with the residual seam fused into the next LayerNorm + modulate."""
     backend = self.freeflow_backend
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    # Under autocast the residual stays fp32 (the fp32 pos_embed promotes it) while the adaLN linear and the
+    # branches give bf16; the official `x + gate * h` promotes them to x's dtype, and so does the seam here.
+    mods = self.adaLN_modulation(c).to(x.dtype)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
     h = adaln_modulate(x, shift_msa, scale_msa, self.norm1.eps, backend=backend)
-    x, h = gated_residual_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps, backend=backend)
-    return gated_residual(x, gate_mlp, self.mlp(h), backend=backend)
+    x, h = gated_residual_modulate(x, gate_msa, self.attn(h).to(x.dtype), shift_mlp, scale_mlp, self.norm2.eps,
+                                   backend=backend)
+    return gated_residual(x, gate_mlp, self.mlp(h).to(x.dtype), backend=backend)
 
 
 def _final_layer_forward(self, x, c):
-    shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
     return self.linear(adaln_modulate(x, shift, scale, self.norm_final.eps, backend=self.freeflow_backend))
 
 

@@ -19,6 +19,8 @@ from freeflow.losses import DEFAULT_EPS, velocity_alignment_loss, velocity_align
 # Relative tolerances of the issue's acceptance criteria (fp16: same budget as bf16).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 CPU = torch.device("cpu")
+# The CUDA kernel of freeflow._C is checked wherever a GPU is present; CPU machines (CI) check the host loops.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def formula(A, B, *, power, eps, scale):
@@ -42,7 +44,7 @@ def assert_rel(actual, expected, tol, upstream=None):
     atol = 0.0
     if actual.dtype == torch.float16 and upstream is not None:
         atol = (1.0 + abs(upstream)) * 2.0 ** -25
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=atol)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=tol, atol=atol)
 
 
 def require_extension():
@@ -61,12 +63,20 @@ def impl(request):
     return velocity_alignment_loss_reference
 
 
-def inputs(shape, dtype, *, seed=0, requires_grad=True):
+def inputs(shape, dtype, *, seed=0, requires_grad=True, device=CPU):
     g = torch.Generator().manual_seed(seed)
-    F = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-    A = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    B = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    F = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(requires_grad)
+    A = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    B = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(device, dtype)
     return F, A, B
+
+
+def on_device(impl, device):
+    """The device the test runs on, after checking that the extension really runs there (no fallback)."""
+    device = torch.device(device)
+    if impl is velocity_alignment_loss and device.type == "cuda":
+        assert _ext.supports(device), f"freeflow._C has no CUDA kernel: {_ext.STATE.reason}"
+    return device
 
 
 # (1, 3, 5, 7): N = 1 and odd sizes; (3, 4101): rows longer than one reduction chunk;
@@ -77,11 +87,13 @@ SHAPES = [(1, 3, 5, 7), (5, 3, 7, 9), (3, 4101), (1, 8195)]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_formula(impl, dtype, power, shape):
-    F, A, B = inputs(shape, dtype)
+@pytest.mark.parametrize("where", DEVICES)
+def test_matches_formula(impl, dtype, power, shape, where):
+    F, A, B = inputs(shape, dtype, device=on_device(impl, where))
     eps, scale, upstream = 0.05, 0.7, 1.5  # 1.5 is exact in every dtype
     loss, per_sample = impl(F, A, B, power=power, eps=eps, scale=scale, return_per_sample=True)
-    loss.backward(torch.tensor(upstream, dtype=dtype))
+    assert loss.device == F.device and per_sample.device == F.device
+    loss.backward(torch.tensor(upstream, dtype=dtype, device=F.device))
     value, per_sample_ref, grad_ref = formula(A, B, power=power, eps=eps, scale=scale)
     tol = TOL[dtype]
     assert loss.dtype == dtype and loss.shape == ()
@@ -93,11 +105,13 @@ def test_matches_formula(impl, dtype, power, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_non_contiguous_inputs(impl, dtype):
-    base_F, base_A, base_B = inputs((4, 6, 10, 3), dtype, requires_grad=False)
+@pytest.mark.parametrize("where", DEVICES)
+def test_non_contiguous_inputs(impl, dtype, where):
+    device = on_device(impl, where)
+    base_F, base_A, base_B = inputs((4, 6, 10, 3), dtype, requires_grad=False, device=device)
     F = base_F.transpose(1, 2).requires_grad_()  # (4, 10, 6, 3), permuted strides
     A = base_A.transpose(1, 2)
-    B = torch.randn(4, 10, 12, 3, dtype=torch.float64).to(dtype)[:, :, ::2]  # sliced
+    B = torch.randn(4, 10, 12, 3, dtype=torch.float64).to(device, dtype)[:, :, ::2]  # sliced
     assert not (F.is_contiguous() or A.is_contiguous() or B.is_contiguous())
     loss, per_sample = impl(F, A, B, power=1.0, scale=2.0, return_per_sample=True)
     loss.backward()
@@ -140,11 +154,13 @@ def test_gradient_is_that_of_the_surrogate(impl):
         assert_rel(F.grad, F2.grad, TOL[torch.float64])
 
 
-def test_gradcheck(impl):
+@pytest.mark.parametrize("where", DEVICES)
+def test_gradcheck(impl, where):
     """With k = 0 and A = F the loss is mean‖F - B‖²/d, so the op's gradient must be its true one."""
+    device = on_device(impl, where)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 2, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    target = torch.randn(3, 2, 5, generator=g, dtype=torch.float64).to(device)
     assert torch.autograd.gradcheck(lambda f: impl(f, f, target, power=0.0), (x,))
     assert torch.autograd.gradcheck(lambda f: 2.5 * impl(f, f, target, power=0.0, eps=0.0), (x,))
 
@@ -348,7 +364,29 @@ def test_jit_build_compiles_the_host_sources(monkeypatch, tmp_path):
     _ext.jit_build(build_directory=str(tmp_path / "build_cuda"))
     names = sorted(os.path.basename(f) for f in calls[0]["sources"])
     assert names == ["velocity_alignment.cpp", "velocity_alignment_cuda.cpp",
-                     "velocity_alignment_cuda.cu"]
+                     "velocity_alignment_kernel.cu"]
+
+
+def test_extension_sources_have_distinct_object_names():
+    """setuptools' BuildExtension names each object after its source's stem, so x.cpp beside x.cu would both
+    become x.o and ninja stops ("multiple rules generate x.o"): no two sources may share a stem."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in _ext.sources(True)]
+    assert len(stems) == len(set(stems)) and len(stems) == 3, stems
+
+
+def test_host_sources_are_cpp17(tmp_path):
+    """torch 2.11 and older compile extensions as C++17 (2.13 as C++20): the host sources must build as both."""
+    import shutil
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "no C++ compiler on PATH (the extension's build needs one too)"
+    flags = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{_ext._CSRC}"]
+    for src in _ext.sources(False):
+        done = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-fopenmp", *flags, src],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_installed_wheel_ships_the_sources_the_jit_fallback_compiles(tmp_path):
@@ -370,6 +408,6 @@ def test_installed_wheel_ships_the_sources_the_jit_fallback_compiles(tmp_path):
     assert os.path.realpath(csrc).startswith(os.path.realpath(site))  # the wheel's copy, not the checkout
     assert [os.path.basename(f) for f in host] == ["velocity_alignment.cpp"]
     assert sorted(os.path.basename(f) for f in with_cuda) == ["velocity_alignment.cpp", "velocity_alignment_cuda.cpp",
-                                                              "velocity_alignment_cuda.cu"]
+                                                              "velocity_alignment_kernel.cu"]
     for header in ("velocity_alignment.h", "velocity_alignment_op.h", "velocity_alignment_cuda.h"):
         assert os.path.isfile(os.path.join(csrc, header)), header

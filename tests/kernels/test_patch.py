@@ -79,7 +79,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -184,6 +184,18 @@ def test_patched_model_gives_the_same_outputs_and_gradients(device, qk_norm):
     for (name, _), a, b in zip(model.named_parameters(), grads_patched, grads):
         err = ((a - b).abs().max() / max(b.abs().max(), 1e-3 * scale)).item()
         assert err <= 1e-4, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_patched_model_under_bf16_autocast(device, qk_norm):
+    """Mixed precision as users run it: autocast hands the kernels bf16 activations, fp32 biases and fp32
+    LayerNorm outputs; the patched model must take them and agree with the official model under autocast."""
+    model, (x, t, y) = model_and_inputs(qk_norm, seed=5, device=device)
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        out = model(x, t, y)
+        out_patched = patch_dit(model, backend="triton")(x, t, y)
+    assert out_patched.dtype == out.dtype  # bf16 from the final linear
+    assert rel_err(out_patched.float(), out.float()) <= 2e-2  # the GPU self-test's bf16 budget
 
 
 def test_torch_func_jvp_through_patched_model_and_state_dict_roundtrip(device):

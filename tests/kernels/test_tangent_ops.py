@@ -156,6 +156,30 @@ def test_dual_linear_backprops_weight_and_bias_through_primal_rows_only():
     _assert_close((gx, gw, gb), (x.grad, w.grad, b.grad))
 
 
+def test_dual_linear_under_autocast_is_what_autocast_makes_of_f_linear():
+    """bf16 GEMM for both rows, bf16 primal and tangent, fp32 gradients for the fp32 parameters."""
+    x, tx = _rand(3, 4, 5, seed=1).float().requires_grad_(), _rand(3, 4, 5, seed=2).float()
+    w, b = _rand(6, 5, seed=3).float().requires_grad_(), _rand(6, seed=4).float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ty = K.linear_jvp(x, tx, w, b)
+        y_ref, ty_ref = torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(tx, w)
+    assert y.dtype == ty.dtype == torch.bfloat16
+    torch.testing.assert_close(ty, ty_ref)
+    # our GEMM rounds to bf16 before + bias, addmm once after it: at most one bf16 ulp (<= 2^-7 |v|) apart
+    assert (y.float() - y_ref.float()).abs().max() <= 2 ** -7 * y_ref.float().abs().max()
+    upstream = _rand(3, 4, 6, seed=5).to(torch.bfloat16)
+    y.backward(upstream)
+    grads = (x.grad, w.grad, b.grad)
+    x.grad = w.grad = b.grad = None
+    y_ref.backward(upstream)
+    assert all(g.dtype == torch.float32 for g in grads)
+    for g, g_ref in zip(grads, (x.grad, w.grad, b.grad)):  # the same bf16 GEMMs, summed in another order
+        torch.testing.assert_close(g, g_ref, rtol=2 ** -7, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, and so must we
+        y64, ty64 = K.linear_jvp(x.double(), tx.double(), w.double(), b.double())
+    assert y64.dtype == ty64.dtype == torch.float64
+
+
 def test_layer_norm_affine_jvp_matches_torch_func_jvp():
     x, tx = _rand(2, 5, 7, seed=1), _rand(2, 5, 7, seed=2)
     w, b = _rand(7, seed=3), _rand(7, seed=4)

@@ -10,10 +10,11 @@ from checks import default_dtype_fixture, rel_err
 from freeflow.models import DiT
 
 TOL = 1e-4  # fp32; attention's accumulation order dominates
+BF16_TOL = 2e-2  # as the GPU self-test's bf16 budget
 fp32_default_dtype = default_dtype_fixture(torch.float32)
 
 
-def pair(seed=0, **config):
+def pair(device, seed=0, **config):
     """Two DiT students with identical random weights: backend "triton" and "reference"."""
     # 14/2 → S = 49 tokens, head dim 144/2 = 72 (as DiT-XL), FreeFlow's δ and γ inputs
     cfg = dict(input_size=14, patch_size=2, in_channels=4, hidden_size=144, depth=2, num_heads=2,
@@ -27,14 +28,15 @@ def pair(seed=0, **config):
                 m.bias.normal_(0, 0.1)
     tri = DiT(backend="triton", **cfg)
     tri.load_state_dict(ref.state_dict())
-    return tri, ref
+    return tri.to(device), ref.to(device)
 
 
-def inputs(seed=1):
+def inputs(device, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 14, 14, generator=g)
     t, dt, gw = torch.ones(2), torch.rand(2, generator=g), 1 + 3 * torch.rand(2, generator=g)
-    return x, t, torch.tensor([3, 10]), dt, gw  # 10 = the null class
+    y = torch.tensor([3, 10])  # 10 = the null class
+    return tuple(v.to(device) for v in (x, t, y, dt, gw))
 
 
 def compare_grads(tri, ref):
@@ -50,15 +52,15 @@ def compare_grads(tri, ref):
 
 
 @pytest.mark.parametrize("tangent_on", ["dt", "all"])
-def test_forward_jvp_and_backward_match_reference(tangent_on):
-    tri, ref = pair()
-    x, t, y, dt, gw = inputs()
+def test_forward_jvp_and_backward_match_reference(device, tangent_on):
+    tri, ref = pair(device)
+    x, t, y, dt, gw = inputs(device)
     g = torch.Generator().manual_seed(2)
     if tangent_on == "dt":  # FreeFlow's prediction pass: tangent 1 on δ only
         tangents = dict(tdt=torch.ones_like(dt))
     else:
-        tangents = dict(tx=torch.randn(x.shape, generator=g), tt=torch.randn(2, generator=g),
-                        tdt=torch.randn(2, generator=g), tgw=torch.randn(2, generator=g))
+        tangents = {k: torch.randn(shape, generator=g).to(device)
+                    for k, shape in (("tx", x.shape), ("tt", 2), ("tdt", 2), ("tgw", 2))}
     outs = {}
     for name, model in (("triton", tri), ("reference", ref)):
         out, tout = model.forward_jvp(x, t, y, dt, gw, **tangents)
@@ -72,9 +74,9 @@ def test_forward_jvp_and_backward_match_reference(tangent_on):
     compare_grads(tri, ref)
 
 
-def test_triton_model_under_torch_func_jvp_equals_its_forward_jvp():
-    tri, ref = pair(seed=3, qk_norm=True)  # REPA's qk_norm path
-    x, t, y, dt, gw = inputs(seed=4)
+def test_triton_model_under_torch_func_jvp_equals_its_forward_jvp(device):
+    tri, ref = pair(device, seed=3, qk_norm=True)  # REPA's qk_norm path
+    x, t, y, dt, gw = inputs(device, seed=4)
     out, tout = tri.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
     def f(dt):
         return tri(x, t, y, dt, gw)
@@ -83,3 +85,21 @@ def test_triton_model_under_torch_func_jvp_equals_its_forward_jvp():
     assert rel_err(out_func, out) <= TOL and rel_err(tout_func, tout) <= TOL
     out_ref, tout_ref = ref.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
     assert rel_err(out, out_ref) <= TOL and rel_err(tout, tout_ref) <= TOL
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_bf16_autocast_matches_the_reference_under_autocast(device, qk_norm):
+    """A teacher runs under bf16 autocast on CUDA (freeflow.train's precision "auto"): the Triton model must
+    accept the mixed dtypes autocast produces (fp32 biases, fp32 LayerNorm outputs) and agree with the reference."""
+    tri, ref = pair(device, seed=5, qk_norm=qk_norm)
+    x, t, y, dt, gw = inputs(device, seed=6)
+    outs = []
+    for model in (tri, ref):
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out, tout = model.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
+        outs.append((out.float(), tout.float()))
+        assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        exact, _ = ref.forward_jvp(x, t, y, dt, gw, tdt=torch.ones_like(dt))
+    assert rel_err(outs[0][0], outs[1][0]) <= BF16_TOL and rel_err(outs[0][1], outs[1][1]) <= BF16_TOL
+    assert rel_err(outs[1][0], exact) > 1e-4  # autocast really ran the reference in bf16
