@@ -136,3 +136,16 @@ def test_cli_lists_every_experiment_and_rejects_bad_input(capsys, tmp_path):
     assert e.value.code == 2
     assert cli.main(["ablation", "--only", "9", "--out", str(tmp_path), "--runs", str(tmp_path)]) == 2
     assert "--only" in capsys.readouterr().err
+
+
+def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path):
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    argv = ["convergence", "--preset", "--steps", "2", "--ckpt-every", "1", "--samples", "100", "--every", "1",
+            "--windows", "1", "--out", out, "--runs", runs]
+    assert cli.main(argv) == 0
+    assert sorted(os.listdir(runs)) == ["convergence-preset"]  # the STUDY_BASE run is left alone
+    with open(os.path.join(runs, "convergence-preset", "config.json")) as f:
+        assert f"{json.load(f)['corr_guidance_interval']}" == "[0.0, 1.0]"  # the preset's, not STUDY_BASE's
+    with open(os.path.join(out, "convergence-preset.json")) as f:
+        result = json.load(f)
+    assert [r["step"] for r in result["curve"]] == [0, 1, 2] and os.path.isfile(os.path.join(out, "convergence-preset.png"))
