@@ -138,11 +138,20 @@ def test_cli_lists_every_experiment_and_rejects_bad_input(capsys, tmp_path):
     assert "--only" in capsys.readouterr().err
 
 
-def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path):
+def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path, monkeypatch):
+    from freeflow.experiments import convergence
+    passed = []
+
+    def small_train_run(run_dir, steps, ckpt_every, overrides=None):  # the reference kernels, a small batch
+        passed.append(overrides)
+        return train_run(run_dir, steps, ckpt_every, {**overrides, "batch_size": 8, "backend": "reference"})
+
+    monkeypatch.setattr(convergence, "train_run", small_train_run)
     out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
     argv = ["convergence", "--preset", "--steps", "2", "--ckpt-every", "1", "--samples", "100", "--every", "1",
             "--windows", "1", "--out", out, "--runs", runs]
     assert cli.main(argv) == 0
+    assert passed == [{}]  # no STUDY_BASE override
     assert sorted(os.listdir(runs)) == ["convergence-preset"]  # the STUDY_BASE run is left alone
     with open(os.path.join(runs, "convergence-preset", "config.json")) as f:
         assert json.load(f)["distill"]["corr_guidance_interval"] == [0.0, 1.0]  # the preset's, not STUDY_BASE's
