@@ -140,7 +140,7 @@ def linear_jvp(x, tx, weight, bias=None):
     check_tangents([("tx", tx, x)])
     if tx is None:
         return F.linear(x, weight, bias), None
-    dtype = autocast_dtype(x.device)
+    dtype = _autocast_dtype(x.device)
     if dtype is None:
         return _DualLinear.apply(x, tx.detach(), weight, bias)
     # What autocast does to F.linear: the GEMM in its lower precision. The casts stay outside the Function
@@ -157,7 +157,7 @@ def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return t.to(dtype)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matrix products on ``device`` now, or None when autocast is off there."""
     if not torch.is_autocast_enabled(device.type):
         return None
