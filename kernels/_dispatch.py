@@ -71,3 +71,25 @@ def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> boo
             f"triton importable: {triton_available()})"
         )
     return runnable
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on ``device`` now, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def autocast_cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """Autocast's own rule: floating tensors other than float64 are cast, everything else is left alone."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The inputs of an op that autocast treats like a matrix product (SDPA, a Linear's bias add), cast to
+    the autocast dtype when autocast is on for ``device``; unchanged otherwise. The cast is differentiable,
+    so fp32 leaves still get fp32 gradients."""
+    dtype = autocast_dtype(device)
+    return tuple(autocast_cast(t, dtype) for t in tensors)

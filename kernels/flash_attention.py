@@ -33,7 +33,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import autocast_inputs, use_triton
 from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, smem_budget, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor, detached
 
@@ -605,8 +605,12 @@ def _flash_attn(q, k, v, scale):
 
 
 def attention(q, k, v, scale=None, *, backend=None):
-    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` (no mask, no dropout)."""
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` (no mask, no dropout).
+
+    Under autocast q, k and v are cast to the autocast dtype first, as SDPA does (so fp32 q/k from an
+    fp32 LayerNorm meet a bf16 v)."""
     _check(q, k, v)
+    q, k, v = autocast_inputs(q.device, q, k, v)
     impl = primal_impl(q, k, v, backend)
     if impl == "reference":
         return attention_reference(q, k, v, scale)
@@ -619,9 +623,12 @@ def attention(q, k, v, scale=None, *, backend=None):
 
 
 def attention_jvp(q, k, v, tq, tk, tv, scale=None, *, backend=None):
-    """One pass computing (O, Ȯ); ``o`` differentiable w.r.t. q, k, v, ``o_tangent`` detached."""
+    """One pass computing (O, Ȯ); ``o`` differentiable w.r.t. q, k, v, ``o_tangent`` detached.
+
+    Under autocast the inputs and tangents are cast to the autocast dtype first, as in ``attention``."""
     _check(q, k, v)
     check_tangents([("tq", tq, q), ("tk", tk, k), ("tv", tv, v)])
+    q, k, v, tq, tk, tv = autocast_inputs(q.device, q, k, v, tq, tk, tv)
     if not use_triton(q, k, v, tq, tk, tv, backend=backend):
         return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
     _check_triton(q, k, v, tq, tk, tv)

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import autocast_inputs, use_triton
 from ._launch import LOG2E, elementwise_tiles, kernel_rule, last_dim_contiguous, reduction_chunks, saved, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor
 
@@ -253,10 +253,19 @@ def _backward(ctx, dy):
     return dh if ctx.needs_input_grad[0] else None, d_bias if ctx.needs_input_grad[1] else None
 
 
+def _autocast_bias_add(h, bias, th=None):
+    """Under autocast, h + bias is the bias add of the Linear before it, so h, bias (and ḣ) take the
+    autocast dtype as ``F.linear(x, W, bias)`` would; without a bias the op is elementwise and keeps h's dtype."""
+    if bias is None:
+        return h, bias, th
+    return autocast_inputs(h.device, h, bias, th)
+
+
 def bias_gelu(h, bias=None, *, backend=None):
-    """GELU(tanh)(h + bias) for h (..., C), bias (C,) or None."""
+    """GELU(tanh)(h + bias) for h (..., C), bias (C,) or None. Autocast: see ``_autocast_bias_add``."""
     check_tensor("h", h, min_rank=1)
     _check_bias(h, bias)
+    h, bias, _ = _autocast_bias_add(h, bias)
     if not use_triton(h, bias, backend=backend):
         return bias_gelu_reference(h, bias)
     _check_bias_dtype(h, bias)
@@ -268,6 +277,7 @@ def bias_gelu_jvp(h, bias, th, *, backend=None):
     check_tensor("h", h, min_rank=1)
     _check_bias(h, bias)
     check_tangents([("th", th, h)])
+    h, bias, th = _autocast_bias_add(h, bias, th)
     if not use_triton(h, bias, th, backend=backend):
         return bias_gelu_jvp_reference(h, bias, th)
     _check_bias_dtype(h, bias)

@@ -103,8 +103,6 @@ def _attention_forward(self, x):
     q, k, v = qkv.unbind(0)
     q = self.q_norm(q) if hasattr(self, "q_norm") else q
     k = self.k_norm(k) if hasattr(self, "k_norm") else k
-    # autocast runs LayerNorm in fp32 and the projections in bf16: attention takes v's dtype, as SDPA does
-    q, k = q.to(v.dtype), k.to(v.dtype)
     o = attention(q, k, v, getattr(self, "scale", None), backend=self.freeflow_backend)
     o = self.proj(o.transpose(1, 2).reshape(B, N, C))
     return self.proj_drop(o) if hasattr(self, "proj_drop") else o
@@ -113,7 +111,7 @@ def _attention_forward(self, x):
 def _mlp_forward(self, x):
     """timm Mlp with fc1's bias folded into the GELU kernel."""
     h = F.linear(x, self.fc1.weight)
-    h = bias_gelu(h, self.fc1.bias.to(h.dtype), backend=self.freeflow_backend)  # fp32 bias, bf16 h under autocast
+    h = bias_gelu(h, self.fc1.bias, backend=self.freeflow_backend)
     # Identities in DiT (p = 0, no norm), applied for fidelity: timm >= 0.6 names them drop1 / norm /
     # drop2, older timm has one `drop` used twice.
     h = _first(self, ("drop1", "drop"), h)

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import autocast_cast, autocast_dtype
 from ._validate import accumulation_dtype, check_tangents, check_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -140,28 +141,14 @@ def linear_jvp(x, tx, weight, bias=None):
     check_tangents([("tx", tx, x)])
     if tx is None:
         return F.linear(x, weight, bias), None
-    dtype = _autocast_dtype(x.device)
+    dtype = autocast_dtype(x.device)
     if dtype is None:
         return _DualLinear.apply(x, tx.detach(), weight, bias)
     # What autocast does to F.linear: the GEMM in its lower precision. The casts stay outside the Function
     # so that autograd returns fp32 gradients to fp32 parameters.
-    x, tx, weight, bias = (_autocast_cast(a, dtype) for a in (x, tx.detach(), weight, bias))
+    x, tx, weight, bias = (autocast_cast(a, dtype) for a in (x, tx.detach(), weight, bias))
     with torch.autocast(x.device.type, enabled=False):
         return _DualLinear.apply(x, tx, weight, bias)
-
-
-def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Autocast's own rule: floating tensors other than float64 are cast, everything else is left alone."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast gives matrix products on ``device`` now, or None when autocast is off there."""
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -210,8 +210,6 @@ class Attention(nn.Module):
         tq, tk, tv = self._heads(tqkv) if tqkv is not None else (None, None, None)
         q, tq = self._norm(self.q_norm, q, tq)
         k, tk = self._norm(self.k_norm, k, tk)
-        # autocast runs LayerNorm in fp32 and the projections in bf16: attention takes v's dtype, as SDPA does
-        q, tq, k, tk = (None if a is None else a.to(v.dtype) for a in (q, tq, k, tk))
         if tq is None and tk is None and tv is None:
             o, to = K.attention(q, k, v, backend=backend), None
         else:
@@ -234,11 +232,10 @@ class Mlp(nn.Module):
 
     def forward_jvp(self, x, tx, backend=None):
         h, th = K.linear_jvp(x, tx, self.fc1.weight, None)
-        bias = self.fc1.bias.to(h.dtype)  # the fp32 parameter meets a bf16 activation under autocast
         if th is None:
-            h = K.bias_gelu(h, bias, backend=backend)
+            h = K.bias_gelu(h, self.fc1.bias, backend=backend)
         else:
-            h, th = K.bias_gelu_jvp(h, bias, th, backend=backend)
+            h, th = K.bias_gelu_jvp(h, self.fc1.bias, th, backend=backend)
         return K.linear_jvp(h, th, self.fc2.weight, self.fc2.bias)
 
 

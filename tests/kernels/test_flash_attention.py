@@ -79,6 +79,29 @@ def test_half_precision_and_cross_attention_with_scale(device):
         check(a, b, torch.float32, f"cross {name}")
 
 
+def test_autocast_casts_inputs_like_sdpa(device):
+    """Under bf16 autocast, fp32 q/k (an fp32 LayerNorm's output) meet a bf16 v: the op computes in bf16, as
+    SDPA does, and the fp32 leaves still get fp32 gradients."""
+    (q, k, v), (tq, tk, tv) = qkv(2, 2, 49, 72, torch.float32, seed=7, device=device)
+    v = v.to(torch.bfloat16)
+    mine, ref = leaves((q, k, v)), leaves((q, k, v))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        o = K.attention(*mine, backend=T)
+        o_sdpa = F.scaled_dot_product_attention(*ref)
+        o_jvp, to = K.attention_jvp(*(t.detach() for t in mine), tq, tk, tv, backend=T)
+    assert o.dtype == o_sdpa.dtype == o_jvp.dtype == to.dtype == torch.bfloat16
+    check(o, o_sdpa, torch.bfloat16, "O vs SDPA under autocast")
+    bf16 = [t.detach().to(torch.bfloat16) for t in (q, k, v, tq, tk, tv)]
+    o_ref, to_ref = attention_jvp_reference(*bf16)  # what the op sees once autocast has cast its inputs
+    check(o_jvp, o_ref, torch.bfloat16, "O of attention_jvp under autocast")
+    check(to, to_ref, torch.bfloat16, "tangent under autocast")
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(8)).to(device, torch.bfloat16)
+    grads, grads_sdpa = torch.autograd.grad(o, mine, g), torch.autograd.grad(o_sdpa, ref, g)
+    assert [a.dtype for a in grads] == [torch.float32, torch.float32, torch.bfloat16]
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_sdpa):
+        check(a, b, torch.bfloat16, f"{name} under autocast")
+
+
 def test_partial_and_none_tangents(device):
     (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=5, device=device)
     for keep in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:

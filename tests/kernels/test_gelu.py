@@ -66,6 +66,29 @@ def test_no_bias_none_tangent_and_detached(device):
     check(K.gelu_tanh(big, backend=T), bias_gelu_reference(big), torch.float32, "saturated y")
 
 
+def test_autocast_bias_add_is_the_linears(device):
+    """Under bf16 autocast, bias_gelu(x Wᵀ, b) with DiT's fp32 fc1 bias is what autocast makes of
+    gelu(F.linear(x, W, b)): bf16 out, fp32 gradient for b. Without a bias the op keeps h's dtype."""
+    g = torch.Generator().manual_seed(9)
+    x, w, th = (torch.randn(*s, generator=g).to(device) for s in ((2, 49, 24), (40, 24), (2, 49, 40)))
+    b, b_ref = (torch.randn(40, generator=torch.Generator().manual_seed(10)).to(device).requires_grad_()
+                for _ in range(2))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(x, w)
+        y = K.bias_gelu(h, b, backend=T)
+        y_ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b_ref), approximate="tanh")
+        y_jvp, ty = K.bias_gelu_jvp(h, b.detach(), th, backend=T)
+        y_fp32 = K.gelu_tanh(x, backend=T)
+    assert y.dtype == y_ref.dtype == y_jvp.dtype == ty.dtype == torch.bfloat16 and y_fp32.dtype == torch.float32
+    check(y, y_ref, torch.bfloat16, "y under autocast")
+    _, ty_ref = bias_gelu_jvp_reference(h, b.detach().to(torch.bfloat16), th.to(torch.bfloat16))
+    check(ty, ty_ref, torch.bfloat16, "tangent under autocast")
+    up = torch.randn(y.shape, generator=g).to(device, torch.bfloat16)
+    (gb,), (gb_ref,) = torch.autograd.grad(y, [b], up), torch.autograd.grad(y_ref, [b_ref], up)
+    assert gb.dtype == torch.float32
+    check(gb, gb_ref, torch.bfloat16, "bias gradient under autocast")
+
+
 def test_torch_func_jvp_forward_ad_and_grad_through_the_kernel(device):
     h, bias, th = inputs((2, 49), 288, torch.float32, seed=4, device=device)
     tbias = torch.randn(bias.shape, generator=torch.Generator().manual_seed(9)).to(device)
