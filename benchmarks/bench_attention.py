@@ -89,3 +89,27 @@ def test_primal_against_baselines(benchmark):
     for name, what, ms, tflops, frac in rows:
         print(f"  {name:<12} {what:<8} {ms:8.3f} ms {tflops:7.1f} TFLOP/s {frac:>7} of dense bf16 peak")
     benchmark.pedantic(lambda: torch.cuda.synchronize(), rounds=1, iterations=1)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU timings need CUDA")
+def test_fp32_tangent_by_dot_precision(benchmark, monkeypatch):
+    """fp32 (O, Ȯ) + backward at the same shape for each ``FREEFLOW_FP32_DOT`` against the eager reference: which
+    fp32 dot precision the installed Triton compiles well (the IEEE path spilled under Triton 3.6)."""
+    g = torch.Generator().manual_seed(2)
+    qkv = [torch.randn(B, H, S, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    tangents = [torch.randn(B, H, S, D, generator=g).to(DEVICE) for _ in range(3)]
+    do = torch.randn(B, H, S, D, generator=g).to(DEVICE)
+
+    def step(backend):
+        o, _ = K.attention_jvp(*qkv, *tangents, backend=backend)
+        o.backward(do)
+
+    rows = [("reference", gpu_ms(lambda: step("reference")))]
+    for precision in ("ieee", "tf32x3", "tf32"):
+        monkeypatch.setenv("FREEFLOW_FP32_DOT", precision)
+        rows.append((precision, gpu_ms(lambda: step("triton"))))
+        benchmark.extra_info[f"{precision}_ms"] = rows[-1][1]
+    print(f"\nfp32 attention_jvp + backward B={B} H={H} S={S} D={D} on {torch.cuda.get_device_name()}")
+    for name, ms in rows:
+        print(f"  {name:<10} {ms:8.3f} ms ({rows[0][1] / ms:.2f}x the reference)")
+    benchmark.pedantic(lambda: torch.cuda.synchronize(), rounds=1, iterations=1)

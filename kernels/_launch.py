@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -37,7 +38,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
     triton = tl = _NoTriton()
 
 __all__ = ["triton", "tl", "LOG2E", "interpreting", "kernel_rule", "saved", "next_power_of_2", "last_dim_contiguous",
-           "row_tiles", "reduction_chunks", "elementwise_tiles", "dot_settings"]
+           "row_tiles", "reduction_chunks", "elementwise_tiles", "dot_settings", "fp32_dot_precision",
+           "FP32_DOT_PRECISIONS"]
 
 # log2(e): kernels run exp/log in base 2 (``exp2``, one MUFU op); a constexpr so @triton.jit code may read it.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -163,12 +165,29 @@ def elementwise_tiles(M: int, C: int) -> tuple[int, int, int]:
     return BLOCK_M, BLOCK_C, 4 if BLOCK_M * BLOCK_C <= 2048 else 8
 
 
+FP32_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` precision for fp32 inputs on a GPU: ``FREEFLOW_FP32_DOT`` (default ``ieee``)."""
+    choice = os.environ.get("FREEFLOW_FP32_DOT", "ieee").strip().lower() or "ieee"
+    if choice not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"FREEFLOW_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {choice!r}")
+    return choice
+
+
 def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, PRECISION) for kernels built on ``tl.dot``.
 
-    fp32 inputs use IEEE products (TF32 would break the 1e-4 accuracy contract). fp16/bf16 feed the
-    tensor cores natively with fp32 accumulation; the interpreter has no bf16 arithmetic, so there
-    the operands are upcast to fp32 first.
+    fp16/bf16 feed the tensor cores natively with fp32 accumulation. fp32 on a GPU takes
+    ``FREEFLOW_FP32_DOT``: ``ieee`` (default) runs the products on the FMA units; ``tf32x3`` splits each
+    operand into a TF32 head and remainder and sums three tensor-core products (error ~2^-21 relative,
+    inside the 1e-4 contract); ``tf32`` is one tensor-core product (~2^-11, outside it). Which one compiles
+    without spills depends on the Triton release (docs/kernels.md, "fp32 dot precision"), hence the knob.
+    The interpreter has no bf16 arithmetic and no tensor cores: operands are upcast to fp32, IEEE products.
     """
-    upcast = dtype == torch.float32 or interpreting()
-    return upcast, "ieee" if upcast else "tf32"
+    if interpreting():
+        return True, "ieee"
+    if dtype == torch.float32:
+        return True, fp32_dot_precision()
+    return False, "tf32"

@@ -111,8 +111,8 @@ _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 
                           (32, 64, 8, 2), (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                         (32, 32, 4, 2)])
-_FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST"]
-_BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST"]
+_FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"]
+_BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST", "PRECISION"]
 # Estimated live values per thread (``_fwd_footprint``/``_bwd_footprint``) above which a config is pruned.
 # Calibrated on the compile report (python -m freeflow.kernels.aot): the tangent forward's extra dots and
 # operands cost more than the estimate counts, so its budget is lower.

@@ -94,5 +94,6 @@ def weight_averaging(scorer, teacher, run_dir, windows, last: int | None = None)
             rows.append({"weights": name, "window": w, "checkpoints": len(paths),
                          **scorer.score_student(averaged_student(teacher, paths, key))})
     for r in rows:
-        print(f"[experiments] {run_dir} step {last}, {r['weights']} over {r['window']} steps: FD {r['fd']:.2f}", flush=True)
+        print(f"[experiments] {run_dir} step {last}, {r['weights']} over {r['window']} steps: FD {r['fd']:.2f}",
+              flush=True)
     return rows

@@ -76,6 +76,25 @@ def test_recorded_launches_are_what_dispatch_launches():
     assert len(aot.gelu_launches(torch.bfloat16, 4608)) == 10
 
 
+def test_fp32_dot_precision_reaches_every_attention_kernel(monkeypatch):
+    """GPU settings: fp32 attention launches take FREEFLOW_FP32_DOT (default IEEE products, upcast), bf16 runs
+    natively on the tensor cores, a bad value names the variable, and the precision is part of the autotune key
+    (a config tuned for one precision is not reused for another)."""
+    def precisions():
+        return {(aot.flags_of(la)["PRECISION"], aot.flags_of(la)["UPCAST"])
+                for la in aot.attention_launches(torch.float32, 72) if "PRECISION" in aot.flags_of(la)}
+    monkeypatch.delenv("FREEFLOW_FP32_DOT", raising=False)
+    assert precisions() == {("ieee", True)}
+    monkeypatch.setenv("FREEFLOW_FP32_DOT", "tf32x3")
+    assert precisions() == {("tf32x3", True)}
+    assert {aot.flags_of(la).get("UPCAST") for la in aot.attention_launches(torch.bfloat16, 72)} - {None} == {False}
+    monkeypatch.setenv("FREEFLOW_FP32_DOT", "fp64")
+    with pytest.raises(ValueError, match="FREEFLOW_FP32_DOT must be one of"):
+        aot.attention_launches(torch.float32, 72)
+    for kernel in (fa._attn_fwd_kernel, fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel):
+        assert "PRECISION" in kernel.keys
+
+
 def test_sweep_covers_every_kernel():
     labels = {aot.case_label(name, "", la).split()[0] for name, k in aot._kernels().items()
               for _, la in aot.sweep(full=False) if la.kernel is k}
