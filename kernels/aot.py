@@ -293,6 +293,17 @@ def res_usage(cubin: bytes) -> dict:
     return parse_res_usage(out.stdout)
 
 
+def compile_isolated(job, ctx, fn=None) -> dict:
+    """``compile_job`` (or ``fn``) in a worker of its own: when the compiler aborts the process, the config is
+    reported as an error (it would abort a training process at autotune time just the same) instead of ending
+    the run."""
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as solo:
+        try:
+            return solo.submit(fn or compile_job, job).result()
+        except cf.process.BrokenProcessPool:
+            return dict(error="the compiler crashed (its process aborted)", seconds=0.0)
+
+
 def is_clean(result: dict, smem_limit: int) -> bool:
     """A config is clean when it compiled, spills nothing and its shared memory fits the chip."""
     return "error" not in result and result["spill"] == 0 and result["smem"] <= smem_limit
@@ -329,7 +340,8 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
     jobs = jobs or os.cpu_count() or 1
     rows = []
     ctx = __import__("multiprocessing").get_context("spawn")
-    with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    pools = [cf.ProcessPoolExecutor(jobs, mp_context=ctx)]  # the last one is live; a crash replaces it
+    try:
         pending = []
         for cc in archs:
             for key, kname, launch in cases:
@@ -344,7 +356,7 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
 
         def submit(row, launch, cfg, cc):
             job = (row["kernel"], launch.args, cfg[0], cfg[1], cfg[2], cc)
-            futures[pool.submit(compile_job, job)] = (row, launch, cfg, cc)
+            futures[pools[-1].submit(compile_job, job)] = (row, launch, cfg, cc, job, len(pools))
 
         queues = {id(r): list(c) for r, _, c, _ in pending}
         for row, launch, _, cc in pending:
@@ -355,11 +367,22 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
         while futures:
             done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
             for f in done:
-                row, launch, cfg, cc = futures.pop(f)
-                result = dict(f.result(), config=_config_name(cfg), kept=cfg[3])
+                row, launch, cfg, cc, job, generation = futures.pop(f)
+                try:
+                    result = f.result()
+                except cf.process.BrokenProcessPool:
+                    # A compile aborted its worker (an LLVM assertion does): every job in flight fails with it,
+                    # so each is redone alone to pin the crash on its config, and later jobs get a new pool.
+                    if generation == len(pools):
+                        pools.append(cf.ProcessPoolExecutor(jobs, mp_context=ctx))
+                    result = compile_isolated(job, ctx)
+                result = dict(result, config=_config_name(cfg), kept=cfg[3])
                 row["results"].append(result)
                 if not all_configs and not is_clean(result, SMEM_LIMIT[cc]) and queues[id(row)]:
                     submit(row, launch, queues[id(row)].pop(0), cc)
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
     for row in rows:
         limit = SMEM_LIMIT[row["arch"]]
         kept = [r for r in row["results"] if r["kept"]]

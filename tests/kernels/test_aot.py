@@ -95,6 +95,15 @@ def test_fp32_dot_precision_reaches_every_attention_kernel(monkeypatch):
         assert "PRECISION" in kernel.keys
 
 
+def test_a_compile_that_aborts_its_process_is_reported_not_fatal():
+    """Triton 3.9's LLVM aborts on one fp32 attention config (an SLPVectorizer assertion): the gate must record
+    that config as an error and go on. ``os._exit`` stands in for the abort; a normal job still returns."""
+    ctx = __import__("multiprocessing").get_context("spawn")
+    crashed = aot.compile_isolated(134, ctx, fn=os._exit)
+    assert crashed["error"].startswith("the compiler crashed") and not aot.is_clean(crashed, aot.SMEM_LIMIT[90])
+    assert aot.compile_isolated(-3, ctx, fn=abs) == 3
+
+
 def test_sweep_covers_every_kernel():
     labels = {aot.case_label(name, "", la).split()[0] for name, k in aot._kernels().items()
               for _, la in aot.sweep(full=False) if la.kernel is k}
