@@ -165,12 +165,12 @@ def elementwise_tiles(M: int, C: int) -> tuple[int, int, int]:
     return BLOCK_M, BLOCK_C, 4 if BLOCK_M * BLOCK_C <= 2048 else 8
 
 
-FP32_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+FP32_DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 
 def fp32_dot_precision() -> str:
-    """``tl.dot`` precision for fp32 inputs on a GPU: ``FREEFLOW_FP32_DOT`` (default ``ieee``)."""
-    choice = os.environ.get("FREEFLOW_FP32_DOT", "ieee").strip().lower() or "ieee"
+    """``tl.dot`` precision for fp32 inputs on a GPU: ``FREEFLOW_FP32_DOT`` (default ``tf32x3``)."""
+    choice = os.environ.get("FREEFLOW_FP32_DOT", "tf32x3").strip().lower() or "tf32x3"
     if choice not in FP32_DOT_PRECISIONS:
         raise ValueError(f"FREEFLOW_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {choice!r}")
     return choice
@@ -180,9 +180,10 @@ def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, PRECISION) for kernels built on ``tl.dot``.
 
     fp16/bf16 feed the tensor cores natively with fp32 accumulation. fp32 on a GPU takes
-    ``FREEFLOW_FP32_DOT``: ``ieee`` (default) runs the products on the FMA units; ``tf32x3`` splits each
-    operand into a TF32 head and remainder and sums three tensor-core products (error ~2^-21 relative,
-    inside the 1e-4 contract); ``tf32`` is one tensor-core product (~2^-11, outside it). Which one compiles
+    ``FREEFLOW_FP32_DOT``: ``tf32x3`` (default) splits each operand into a TF32 head and remainder and sums
+    three tensor-core products (error ~2^-21 relative, inside the 1e-4 contract); ``ieee`` runs the products
+    on the FMA units, which spill kilobytes at head dim 72 and abort Triton 3.9's LLVM on one config;
+    ``tf32`` is one tensor-core product (~2^-11, outside it). Which one compiles
     without spills depends on the Triton release (docs/kernels.md, "fp32 dot precision"), hence the knob.
     The interpreter has no bf16 arithmetic and no tensor cores: operands are upcast to fp32, IEEE products.
     """

@@ -77,16 +77,16 @@ def test_recorded_launches_are_what_dispatch_launches():
 
 
 def test_fp32_dot_precision_reaches_every_attention_kernel(monkeypatch):
-    """GPU settings: fp32 attention launches take FREEFLOW_FP32_DOT (default IEEE products, upcast), bf16 runs
+    """GPU settings: fp32 attention launches take FREEFLOW_FP32_DOT (default three-pass TF32, upcast), bf16 runs
     natively on the tensor cores, a bad value names the variable, and the precision is part of the autotune key
     (a config tuned for one precision is not reused for another)."""
     def precisions():
         return {(aot.flags_of(la)["PRECISION"], aot.flags_of(la)["UPCAST"])
                 for la in aot.attention_launches(torch.float32, 72) if "PRECISION" in aot.flags_of(la)}
     monkeypatch.delenv("FREEFLOW_FP32_DOT", raising=False)
-    assert precisions() == {("ieee", True)}
-    monkeypatch.setenv("FREEFLOW_FP32_DOT", "tf32x3")
     assert precisions() == {("tf32x3", True)}
+    monkeypatch.setenv("FREEFLOW_FP32_DOT", "ieee")
+    assert precisions() == {("ieee", True)}
     assert {aot.flags_of(la).get("UPCAST") for la in aot.attention_launches(torch.bfloat16, 72)} - {None} == {False}
     monkeypatch.setenv("FREEFLOW_FP32_DOT", "fp64")
     with pytest.raises(ValueError, match="FREEFLOW_FP32_DOT must be one of"):
