@@ -30,11 +30,11 @@ def peak_tflops():
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def inputs(seed=0):
+def inputs(seed=0, dtype=DTYPE):
     g = torch.Generator().manual_seed(seed)
-    qkv = [torch.randn(B, H, S, D, generator=g).to(DEVICE, DTYPE).requires_grad_() for _ in range(3)]
-    tangents = [torch.randn(B, H, S, D, generator=g).to(DEVICE, DTYPE) for _ in range(3)]
-    do = torch.randn(B, H, S, D, generator=g).to(DEVICE, DTYPE)
+    qkv = [torch.randn(B, H, S, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+    tangents = [torch.randn(B, H, S, D, generator=g).to(DEVICE, dtype) for _ in range(3)]
+    do = torch.randn(B, H, S, D, generator=g).to(DEVICE, dtype)
     return qkv, tangents, do
 
 
@@ -95,10 +95,7 @@ def test_primal_against_baselines(benchmark):
 def test_fp32_tangent_by_dot_precision(benchmark, monkeypatch):
     """fp32 (O, Ȯ) + backward at the same shape for each ``FREEFLOW_FP32_DOT`` against the eager reference: which
     fp32 dot precision the installed Triton compiles well (the IEEE path spilled under Triton 3.6)."""
-    g = torch.Generator().manual_seed(2)
-    qkv = [torch.randn(B, H, S, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
-    tangents = [torch.randn(B, H, S, D, generator=g).to(DEVICE) for _ in range(3)]
-    do = torch.randn(B, H, S, D, generator=g).to(DEVICE)
+    qkv, tangents, do = inputs(2, torch.float32)
 
     def step(backend):
         o, _ = K.attention_jvp(*qkv, *tangents, backend=backend)

@@ -371,7 +371,7 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
                 try:
                     result = f.result()
                 except cf.process.BrokenProcessPool:
-                    # A compile aborted its worker (an LLVM assertion does): every job in flight fails with it,
+                    # A compile aborted its worker (an LLVM assertion does): every job the pool held fails with it,
                     # so each is redone alone to pin the crash on its config, and later jobs get a new pool.
                     if generation == len(pools):
                         pools.append(cf.ProcessPoolExecutor(jobs, mp_context=ctx))
