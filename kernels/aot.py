@@ -317,10 +317,12 @@ def is_clean(result: dict, smem_limit: int) -> bool:
 def case_label(kernel_name: str, label: str, launch: Launch) -> str:
     flags = flags_of(launch)
     on = [k for k, v in flags.items() if v is True and k not in ("UPCAST",)]
-    off_tiles = {k: v for k, v in flags.items() if k.startswith("BLOCK_")}
+    off_tiles = {k.split("_", 1)[1]: v for k, v in flags.items() if k.startswith(("BLOCK_", "HEAD_"))}
     dtype = next((DTYPES[v.dtype] for v in launch.args.values() if isinstance(v, torch.Tensor)
                   and v.dtype != torch.float32), "fp32")
-    tiles = ",".join(f"{k[6:]}={v}" for k, v in off_tiles.items())
+    # a head dim that may split reads D=128|64+16 (HEAD_D, HEAD_D2: one padded chunk, or two); else D=64
+    tiles = ",".join(f"{k}={v}" + (f"|{v // 2}+{off_tiles[k + '2']}" if off_tiles.get(k + "2") else "")
+                     for k, v in off_tiles.items() if not (k.endswith("2") and k[:-1] in off_tiles))
     return f"{kernel_name} {dtype} {label} [{'+'.join(on) or '-'}] {tiles}".rstrip()
 
 
@@ -398,8 +400,9 @@ def run(archs, full=False, all_configs=False, jobs=None, match=None):
 
 def _config_name(cfg):
     kw, w, s, _ = cfg
-    tiles = "x".join(str(v) for k, v in sorted(kw.items()))
-    return f"{tiles + ' ' if tiles else ''}w{w}s{s}"
+    tiles = "x".join(str(v) for k, v in sorted(kw.items()) if k.startswith("BLOCK_"))
+    split = "".join(f" split {k[6:].lower()}" for k in ("SPLIT_QK", "SPLIT_V") if kw.get(k))
+    return f"{tiles + ' ' if tiles else ''}w{w}s{s}{split}"
 
 
 def failures(rows, all_configs=False):

@@ -16,8 +16,11 @@ the three tangent accumulators of docs/design.md §4 — μ = Σ e^{s-m} ṡ, Σ
 rescaled by the same factor. At the end O = acc/l and Ȯ = Σṡv/l - (μ/l)·O + Σv̇/l; the row
 log-sum-exp (log2 units) is stored for the backward. P is never materialised: ~3× the primal FLOPs
 for (O, Ȯ) in one pass, 4 bytes/query saved for backward besides Q, K, V, O.
-Head dims are padded to the next power of two and masked (DiT-XL's 72 → 128); any sequence length
-works by masking keys (s = -inf) and query rows. Products run on the tensor cores in fp16/bf16 with
+A head dim runs as at most two power-of-two column chunks, masked past its end (``head_chunks``:
+DiT-XL's 72 as 64 + 16, not one tile of 128): every head-dim product is one ``tl.dot`` per chunk
+accumulated into the same tile, and every head-dim accumulator is one tile per chunk, so operands and
+accumulators hold 80 columns, not 128 (37.5 % fewer registers, no products with zero padding); any
+sequence length works by masking keys (s = -inf) and query rows. Products run on the tensor cores in fp16/bf16 with
 fp32 accumulation, in IEEE fp32 for fp32 inputs; in the interpreter everything is upcast to fp32.
 The backward is the standard flash backward for the primal only (tangents are stop-gradient): a
 preprocess kernel forms Δ = rowsum(dO ⊙ O), one kernel owns a key block (dK, dV) and one a query
@@ -95,9 +98,21 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
-def _configs(pairs):
-    """Autotune configs for A100/H100; the interpreter runs the first only (no GPU to time on)."""
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in pairs]
+def _configs(pairs, rows="BLOCK_M", split_qk_always=False):
+    """Autotune configs for A100/H100; the interpreter runs the first only (no GPU to time on).
+
+    ``SPLIT_QK`` / ``SPLIT_V``: whether a head dim that allows it (72 → 64 + 16) runs as two chunks with this
+    config, q/k's and v's. An output chunk 16 wide makes Triton's Ampere MMA layout put every warp along the
+    rows, which replicates the work of a block with fewer than 16 rows per warp (16×32, 4 warps: 2.5× the MMA
+    instructions, 832 B spilled against 16 B in fp32). So a head dim that is a product's output (v's in the
+    forward, both in the backward) splits only where the warps tile the ``rows`` of the owned block 16 rows
+    each (the usual flash layout); q/k's head dim is only ever summed over in the forward, so it can always
+    split there (``split_qk_always``)."""
+    def config(m, n, w, st):
+        tiled = (m, n)[rows == "BLOCK_N"] >= 16 * w
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT_QK": tiled or split_qk_always, "SPLIT_V": tiled},
+                             num_warps=w, num_stages=st)
+    configs = [config(*p) for p in pairs]
     return configs[:1] if interpreting() else configs
 
 
@@ -106,27 +121,33 @@ def _configs(pairs):
 # the configs whose registers and shared memory fit (``_prune_fwd``), the compile report proves it.
 _FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
                          (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
-                         (64, 32, 8, 1), (32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 16, 8, 2)])
+                         (64, 32, 8, 1), (32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 16, 8, 2)],
+                        split_qk_always=True)
 _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2),
-                          (32, 64, 8, 2), (32, 32, 4, 2)])
+                          (32, 64, 8, 2), (32, 32, 4, 2)], rows="BLOCK_N")
 _DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                         (32, 32, 4, 2)])
-_FWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"]
-_BWD_KEY = ["S_q", "S_k", "BLOCK_D", "BLOCK_DV", "UPCAST", "PRECISION"]
+_BWD_KEY = ["S_q", "S_k", "HEAD_D", "HEAD_D2", "HEAD_DV", "HEAD_DV2", "UPCAST", "PRECISION"]
+_FWD_KEY = _BWD_KEY + ["HAS_TQ", "HAS_TK", "HAS_TV"]
 # Estimated live values per thread (``_fwd_footprint``/``_bwd_footprint``) above which a config is pruned.
 # Calibrated on the compile report (python -m freeflow.kernels.aot): the tangent forward's extra dots and
 # operands cost more than the estimate counts, so its budget is lower.
 _REG_BUDGET = {"fwd": 128, "fwd_tangent": 80, "bwd": 176}
 
 
-def _operand_bytes(meta):
-    return 4 if meta["UPCAST"] else 2
+def _widths(config, meta):
+    """(q/k head-dim columns, v head-dim columns, bytes per operand) a launch computes with under a config."""
+    def width(head, tail, split):
+        return head // 2 + tail if split and tail else head
+    d = width(meta["HEAD_D"], meta["HEAD_D2"], config.kwargs["SPLIT_QK"])
+    dv = width(meta["HEAD_DV"], meta["HEAD_DV2"], config.kwargs["SPLIT_V"])
+    return d, dv, 4 if meta["UPCAST"] else 2
 
 
 def _fwd_footprint(config, meta):
     """(registers per thread, shared memory bytes) a forward config needs, estimated from its tiles."""
     M, N = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    D, DV, es = meta["BLOCK_D"], meta["BLOCK_DV"], _operand_bytes(meta)
+    D, DV, es = _widths(config, meta)
     threads = 32 * config.num_warps
     tangent_s = meta["HAS_TQ"] or meta["HAS_TK"]
     tangent = tangent_s or meta["HAS_TV"]
@@ -142,7 +163,7 @@ def _fwd_footprint(config, meta):
 def _bwd_footprint(config, meta, owner):
     """Same for the backward kernels; ``owner`` is "kv" (dK, dV per key block) or "q" (dQ per query block)."""
     M, N = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    D, DV, es = meta["BLOCK_D"], meta["BLOCK_DV"], _operand_bytes(meta)
+    D, DV, es = _widths(config, meta)
     threads = 32 * config.num_warps
     if owner == "kv":
         held = N * (D + DV) * (1 + es / 4)                       # dK, dV accumulators; K, V operands
@@ -170,6 +191,47 @@ def _pruner(footprint, kind):
     return prune
 
 
+@triton.jit
+def _load_tile(ptr, rows, row_ok, stride_s, stride_d, D, FIRST: tl.constexpr, BLOCK: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Rows × head-dim columns [FIRST, FIRST + BLOCK) of one (batch, head), zero past S and D."""
+    cols = FIRST + tl.arange(0, BLOCK)
+    t = tl.load(ptr + rows[:, None] * stride_s + cols[None, :] * stride_d,
+                mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _load_head(ptr, rows, row_ok, stride_s, stride_d, D, BLOCK: tl.constexpr, BLOCK2: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The head dim as two tiles, columns [0, BLOCK) and [BLOCK, BLOCK + BLOCK2); without a second
+    chunk (BLOCK2 = 0) the second is the first, and the callers never read it."""
+    main = _load_tile(ptr, rows, row_ok, stride_s, stride_d, D, 0, BLOCK, UPCAST)
+    tail = main
+    if BLOCK2 > 0:
+        tail = _load_tile(ptr, rows, row_ok, stride_s, stride_d, D, BLOCK, BLOCK2, UPCAST)
+    return main, tail
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, row_ok, D, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """Store x into columns [FIRST, FIRST + BLOCK) of contiguous rows of width D."""
+    cols = FIRST + tl.arange(0, BLOCK)
+    tl.store(ptr + rows[:, None] * D + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _dot_nt(a, a2, b, b2, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """[a | a2] · [b | b2]ᵀ (+ acc): a product over the head dim, chunk by chunk."""
+    out = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if SPLIT:
+        out = tl.dot(a2, tl.trans(b2), out, input_precision=PRECISION)
+    return out
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_fwd_footprint, "fwd")})
 @triton.jit
@@ -186,98 +248,104 @@ def _attn_fwd_kernel(
     H, S_q, S_k, D, Dv,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, STORE_O: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < S_q
-    d_ok = offs_d < D
-    dv_ok = offs_dv < Dv
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
+    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
+    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
+    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
+    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
+    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
     TANGENT_S: tl.constexpr = HAS_TQ or HAS_TK
     TANGENT: tl.constexpr = TANGENT_S or HAS_TV
+    q, q2 = _load_head(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, stride_qd, D,
+                       BLOCK_D, BLOCK_D2, UPCAST)
     if HAS_TQ:
-        tq = tl.load(TQ + b * stride_tqb + h * stride_tqh + rows[:, None] * stride_tqs + offs_d[None, :] * stride_tqd,
-                     mask=q_mask, other=0.0)
-        if UPCAST:
-            tq = tq.to(tl.float32)
+        tq, tq2 = _load_head(TQ + b * stride_tqb + h * stride_tqh, rows, row_ok, stride_tqs, stride_tqd, D,
+                             BLOCK_D, BLOCK_D2, UPCAST)
     qk_scale = sm_scale * LOG2E  # log2(e) folded in: the softmax runs on exp2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # Σ e^{s - m}
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # Σ e^{s - m} v
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # Σ e^{s - m} v, head-dim chunk by chunk
+    if SPLIT_DV:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     if TANGENT:
         # Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ share their rescale: one accumulator holds their sum
         acc_t = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        if SPLIT_DV:
+            acc_t2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     if TANGENT_S:
         mu = tl.zeros([BLOCK_M], dtype=tl.float32)             # Σ e^{s - m} ṡ
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     for start_n in range(0, S_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S_k
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        v_mask = col_ok[:, None] & dv_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=k_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                    mask=v_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k, k2 = _load_head(k_base, cols, col_ok, stride_ks, stride_kd, D, BLOCK_D, BLOCK_D2, UPCAST)
+        v, v2 = _load_head(v_base, cols, col_ok, stride_vs, stride_vd, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
+        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if SPLIT_DV:
+            acc2 = tl.dot(p.to(v.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
         if TANGENT:
             acc_t = acc_t * alpha[:, None]
+            if SPLIT_DV:
+                acc_t2 = acc_t2 * alpha[:, None]
         if TANGENT_S:
+            if HAS_TK:
+                tk, tk2 = _load_head(TK + b * stride_tkb + h * stride_tkh, cols, col_ok, stride_tks, stride_tkd, D,
+                                     BLOCK_D, BLOCK_D2, UPCAST)
             if HAS_TQ:
-                s_dot = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+                s_dot = _dot_nt(tq, tq2, k, k2, None, SPLIT_D, PRECISION)
                 if HAS_TK:
-                    tk = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tks
-                                 + offs_d[None, :] * stride_tkd, mask=k_mask, other=0.0)
-                    if UPCAST:
-                        tk = tk.to(tl.float32)
-                    s_dot = tl.dot(q, tl.trans(tk), s_dot, input_precision=PRECISION)
+                    s_dot = _dot_nt(q, q2, tk, tk2, s_dot, SPLIT_D, PRECISION)
             else:
-                tk = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tks
-                             + offs_d[None, :] * stride_tkd, mask=k_mask, other=0.0)
-                if UPCAST:
-                    tk = tk.to(tl.float32)
-                s_dot = tl.dot(q, tl.trans(tk), input_precision=PRECISION)
+                s_dot = _dot_nt(q, q2, tk, tk2, None, SPLIT_D, PRECISION)
             p_sdot = p * (s_dot * sm_scale)  # ṡ in natural units, as in the formula for Ȯ
             mu = mu * alpha + tl.sum(p_sdot, axis=1)
             acc_t = tl.dot(p_sdot.to(v.dtype), v, acc_t, input_precision=PRECISION)
+            if SPLIT_DV:
+                acc_t2 = tl.dot(p_sdot.to(v.dtype), v2, acc_t2, input_precision=PRECISION)
         if HAS_TV:
-            tv = tl.load(TV + b * stride_tvb + h * stride_tvh + cols[:, None] * stride_tvs
-                         + offs_dv[None, :] * stride_tvd, mask=v_mask, other=0.0)
-            if UPCAST:
-                tv = tv.to(tl.float32)
+            tv, tv2 = _load_head(TV + b * stride_tvb + h * stride_tvh, cols, col_ok, stride_tvs, stride_tvd, Dv,
+                                 BLOCK_DV, BLOCK_DV2, UPCAST)
             acc_t = tl.dot(p.to(tv.dtype), tv, acc_t, input_precision=PRECISION)
+            if SPLIT_DV:
+                acc_t2 = tl.dot(p.to(tv.dtype), tv2, acc_t2, input_precision=PRECISION)
         m_i = m_new
 
     inv_l = 1.0 / l_i
     o = acc * inv_l[:, None]
-    out = bh * S_q * Dv + rows[:, None] * Dv + offs_dv[None, :]
-    o_mask = row_ok[:, None] & dv_ok[None, :]
+    if SPLIT_DV:
+        o2 = acc2 * inv_l[:, None]
+    out = bh * S_q * Dv
     if STORE_O:
-        tl.store(Out + out, o.to(Out.dtype.element_ty), mask=o_mask)
+        _store_tile(Out + out, o, rows, row_ok, Dv, 0, BLOCK_DV)
+        if SPLIT_DV:
+            _store_tile(Out + out, o2, rows, row_ok, Dv, BLOCK_DV, BLOCK_DV2)
         tl.store(LSE + bh * S_q + rows, m_i + tl.log2(l_i), mask=row_ok)
     if TANGENT:
         o_dot = acc_t * inv_l[:, None]
         if TANGENT_S:
             o_dot -= (mu * inv_l)[:, None] * o
-        tl.store(TOut + out, o_dot.to(TOut.dtype.element_ty), mask=o_mask)
+        _store_tile(TOut + out, o_dot, rows, row_ok, Dv, 0, BLOCK_DV)
+        if SPLIT_DV:
+            o_dot2 = acc_t2 * inv_l[:, None]
+            if TANGENT_S:
+                o_dot2 -= (mu * inv_l)[:, None] * o2
+            _store_tile(TOut + out, o_dot2, rows, row_ok, Dv, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.jit
@@ -311,50 +379,58 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     H, S_q, S_k, D, Dv,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
 ):
     """One program owns BLOCK_N keys and loops over all queries: dV = Pᵀ dO, dK = scale·dSᵀ Q."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = cols < S_k
-    d_ok = offs_d < D
-    dv_ok = offs_dv < Dv
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
+    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
+    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
+    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
+    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
+    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
+    k, k2 = _load_head(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_ks, stride_kd, D,
+                       BLOCK_D, BLOCK_D2, UPCAST)
+    v, v2 = _load_head(V + b * stride_vb + h * stride_vh, cols, col_ok, stride_vs, stride_vd, Dv,
+                       BLOCK_DV, BLOCK_DV2, UPCAST)
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if SPLIT_D:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    if SPLIT_DV:
+        dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
     for start_m in range(0, S_q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < S_q
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos
-                     + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, q2 = _load_head(q_base, rows, row_ok, stride_qs, stride_qd, D, BLOCK_D, BLOCK_D2, UPCAST)
+        do, do2 = _load_head(do_base, rows, row_ok, stride_dos, stride_dod, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
         lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=PRECISION)
-    out_k = bh * S_k * D + cols[:, None] * D + offs_d[None, :]
-    out_v = bh * S_k * Dv + cols[:, None] * Dv + offs_dv[None, :]
-    tl.store(DK + out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + out_v, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+        p_t = tl.trans(p).to(do.dtype)
+        dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
+        if SPLIT_DV:
+            dv2 = tl.dot(p_t, do2, dv2, input_precision=PRECISION)
+        dp = _dot_nt(do, do2, v, v2, None, SPLIT_DV, PRECISION)
+        ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if SPLIT_D:
+            dk2 = tl.dot(ds_t, q2, dk2, input_precision=PRECISION)
+    _store_tile(DK + bh * S_k * D, dk * sm_scale, cols, col_ok, D, 0, BLOCK_D)
+    _store_tile(DV + bh * S_k * Dv, dv, cols, col_ok, Dv, 0, BLOCK_DV)
+    if SPLIT_D:
+        _store_tile(DK + bh * S_k * D, dk2 * sm_scale, cols, col_ok, D, BLOCK_D, BLOCK_D2)
+    if SPLIT_DV:
+        _store_tile(DV + bh * S_k * Dv, dv2, cols, col_ok, Dv, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_BWD_KEY,
@@ -370,46 +446,48 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     H, S_q, S_k, D, Dv,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
 ):
     """One program owns BLOCK_M queries and loops over all keys: dQ = scale·dS K (no atomics)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < S_q
-    d_ok = offs_d < D
-    dv_ok = offs_dv < Dv
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
+    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
+    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
+    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
+    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
+    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
+    q, q2 = _load_head(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, stride_qd, D,
+                       BLOCK_D, BLOCK_D2, UPCAST)
+    do, do2 = _load_head(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dos, stride_dod, Dv,
+                         BLOCK_DV, BLOCK_DV2, UPCAST)
     lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SPLIT_D:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     for start_n in range(0, S_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S_k
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k, k2 = _load_head(k_base, cols, col_ok, stride_ks, stride_kd, D, BLOCK_D, BLOCK_D2, UPCAST)
+        v, v2 = _load_head(v_base, cols, col_ok, stride_vs, stride_vd, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
+        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
         p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    out = bh * S_q * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        dp = _dot_nt(do, do2, v, v2, None, SPLIT_DV, PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+        if SPLIT_D:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
+    _store_tile(DQ + bh * S_q * D, dq * sm_scale, rows, row_ok, D, 0, BLOCK_D)
+    if SPLIT_D:
+        _store_tile(DQ + bh * S_q * D, dq2 * sm_scale, rows, row_ok, D, BLOCK_D, BLOCK_D2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,9 +499,23 @@ def _strides(t):
     return t.stride() if t is not None else (0, 0, 0, 0)
 
 
+def head_chunks(d: int) -> tuple[int, int]:
+    """The head dim d as one or two power-of-two tiles (≥ 16 each for ``tl.dot``), masked past d.
+
+    One tile of next_power_of_2(d) unless two are narrower: 72 → 64 + 16 (80 columns, not 128),
+    96 → 64 + 32, 48 → 32 + 16; 64, 100 (→ 128) and 200 (→ 256) stay one tile. The second chunk's
+    size is 0 when there is none."""
+    whole = max(16, next_power_of_2(d))
+    main = whole // 2
+    tail = max(16, next_power_of_2(d - main)) if d > main else 0
+    return (main, tail) if tail and main + tail < whole else (whole, 0)
+
+
 def _head_blocks(D, Dv):
-    """Head dims are padded to a power of two (≥ 16 for ``tl.dot``) and masked: 72 → 128."""
-    return max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
+    """Launch flags: each head dim's padded width and, where it splits, its second chunk (0 if it does not);
+    a config's ``SPLIT_QK`` / ``SPLIT_V`` pick between the two (the first chunk is half the padded width)."""
+    return dict(HEAD_D=max(16, next_power_of_2(D)), HEAD_D2=head_chunks(D)[1],
+                HEAD_DV=max(16, next_power_of_2(Dv)), HEAD_DV2=head_chunks(Dv)[1])
 
 
 def attention_forward(q, k, v, tq=None, tk=None, tv=None, scale=None, *, store_o=True):
@@ -435,14 +527,13 @@ def attention_forward(q, k, v, tq=None, tk=None, tv=None, scale=None, *, store_o
     o = torch.empty((B, H, S_q, Dv), device=q.device, dtype=q.dtype) if store_o else None
     lse = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32) if store_o else None
     to = torch.empty((B, H, S_q, Dv), device=q.device, dtype=q.dtype) if tangent else None
-    BLOCK_D, BLOCK_DV = _head_blocks(D, Dv)
     UPCAST, PRECISION = dot_settings(q.dtype)
     _attn_fwd_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](
         q, k, v, tq, tk, tv, o, to, lse, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(tq), *_strides(tk), *_strides(tv),
         H, S_q, S_k, D, Dv,
         HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, STORE_O=store_o,
-        UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        UPCAST=UPCAST, PRECISION=PRECISION, **_head_blocks(D, Dv),
     )
     return o, to, lse
 
@@ -451,15 +542,14 @@ def attention_backward(do, q, k, v, o, lse, scale):
     """(dQ, dK, dV) of O = softmax(scale·QKᵀ)V from the saved O and LSE (flash backward, no P stored)."""
     B, H, S_q, D = q.shape
     S_k, Dv = k.shape[2], v.shape[3]
-    BLOCK_D, BLOCK_DV = _head_blocks(D, Dv)
     UPCAST, PRECISION = dot_settings(q.dtype)
     delta = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32)
     BLOCK_M = max(16, min(64, next_power_of_2(S_q)))
     _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, BLOCK_M), B * H)](
-        o, do, delta, *_strides(do), H, S_q, Dv, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+        o, do, delta, *_strides(do), H, S_q, Dv, BLOCK_M=BLOCK_M, BLOCK_DV=max(16, next_power_of_2(Dv)))
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, S_q, S_k, D, Dv)
-    flags = dict(UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    flags = dict(UPCAST=UPCAST, PRECISION=PRECISION, **_head_blocks(D, Dv))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, scale, *args, **flags)
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](

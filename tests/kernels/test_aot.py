@@ -40,13 +40,15 @@ def test_clean_means_no_spill_and_fits_shared_memory():
 
 
 def _meta(**flags):
-    base = dict(HAS_TQ=False, HAS_TK=False, HAS_TV=False, UPCAST=False, BLOCK_D=128, BLOCK_DV=128)
+    base = dict(HAS_TQ=False, HAS_TK=False, HAS_TV=False, UPCAST=False, HEAD_D=128, HEAD_D2=0, HEAD_DV=128,
+                HEAD_DV2=0)
     return {**base, **flags}
 
 
 def test_pruning_drops_configs_that_cannot_fit_and_never_empties():
     import triton
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    flags = {"SPLIT_QK": False, "SPLIT_V": False}
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **flags}, num_warps=w, num_stages=s)
                for m, n, w, s in [(128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (32, 32, 8, 2)]]
     prune = fa._pruner(fa._fwd_footprint, "fwd")
     tangent = _meta(HAS_TQ=True, HAS_TK=True, HAS_TV=True)
@@ -68,7 +70,8 @@ def test_recorded_launches_are_what_dispatch_launches():
     assert {(f["HAS_TQ"], f["HAS_TK"], f["HAS_TV"], f["STORE_O"]) for f in flags} == (
         {(False, False, False, True)} | {(a, b, c, s) for a in (0, 1) for b in (0, 1) for c in (0, 1)
                                          for s in (True, False) if a or b or c})
-    assert all(f["BLOCK_D"] == 128 and f["UPCAST"] is False for f in flags)  # GPU settings: bf16 on the tensor cores
+    # GPU settings: bf16 on the tensor cores; head dim 72 padded to 128, or as 64 + 16 where a config splits it
+    assert all((f["HEAD_D"], f["HEAD_D2"], f["UPCAST"]) == (128, 16, False) for f in flags)
     adaln = aot.adaln_launches(torch.bfloat16, 1152)
     fwd = {tuple(sorted(k for k, v in aot.flags_of(la).items() if v is True)) for la in adaln
            if "fwd" in la.kernel.fn.__name__ if hasattr(la.kernel, "fn")} or None

@@ -8,7 +8,8 @@ from checks import make_check
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K
-from freeflow.kernels.flash_attention import attention_jvp_reference, attention_reference
+import freeflow.kernels.flash_attention as fa
+from freeflow.kernels.flash_attention import attention_jvp_reference, attention_reference, head_chunks
 
 T = "triton"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -77,6 +78,51 @@ def test_half_precision_and_cross_attention_with_scale(device):
     gr = torch.randn(o.shape, generator=g).to(device)
     for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, gr), torch.autograd.grad(o_ref, ref, gr)):
         check(a, b, torch.float32, f"cross {name}")
+
+
+@pytest.mark.parametrize("d, chunks", [(72, (64, 16)), (96, (64, 32)), (40, (32, 16)), (136, (128, 16)),
+                                         (64, (64, 0)), (24, (32, 0)), (100, (128, 0)), (8, (16, 0))])
+def test_head_dim_runs_as_at_most_two_power_of_two_chunks(d, chunks):
+    main, tail = head_chunks(d)
+    assert (main, tail) == chunks
+    assert main + tail >= d and min(main, tail or 16) >= 16  # every column covered, every tile fits tl.dot
+
+
+@pytest.mark.parametrize("split_qk, split_v", [(False, False), (True, False), (False, True), (True, True)])
+def test_head_dim_72_with_and_without_the_split(device, monkeypatch, split_qk, split_v):
+    """Every kernel with configs that run q/k's and v's Dh = 72 as 64 + 16 columns or padded to 128."""
+    import triton
+
+    for kernel in (fa._attn_fwd_kernel, fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel):
+        config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_QK": split_qk, "SPLIT_V": split_v},
+                               num_warps=4, num_stages=2)
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=12, device=device)
+    mine, ref = leaves((q, k, v)), leaves((q, k, v))
+    o, to = K.attention_jvp(*mine, *tangents, backend=T)
+    o_ref, to_ref = attention_jvp_reference(*ref, *tangents)
+    check(o, o_ref, torch.float32, "O")
+    check(to, to_ref, torch.float32, "tangent")
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(13)).to(device)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, g), torch.autograd.grad(o_ref, ref, g)):
+        check(a, b, torch.float32, name)
+
+
+def test_split_value_head_dim_with_a_single_chunk_query_head_dim(device):
+    """Dh = 64 (one chunk) with Dv = 72 (64 + 16): the value side's second chunk on its own, every kernel."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(2, 2, 33, 64), (2, 2, 49, 64), (2, 2, 49, 72)]
+    q, k, v = (torch.randn(*s, generator=g).to(device) for s in shapes)
+    tq, tk, tv = (torch.randn(*s, generator=g).to(device) for s in shapes)
+    mine, ref = leaves((q, k, v)), leaves((q, k, v))
+    o, to = K.attention_jvp(*mine, tq, tk, tv, backend=T)
+    o_ref, to_ref = attention_jvp_reference(*ref, tq, tk, tv)
+    check(o, o_ref, torch.float32, "O")
+    check(to, to_ref, torch.float32, "tangent")
+    gr = torch.randn(o.shape, generator=g).to(device)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, mine, gr), torch.autograd.grad(o_ref, ref, gr)):
+        check(a, b, torch.float32, name)
 
 
 def test_autocast_casts_inputs_like_sdpa(device):
