@@ -6,7 +6,8 @@ checkpoint every ``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA s
 :class:`~freeflow.experiments.common.Scorer` (1,500 samples, γ = 2), the last one with precision, recall and
 class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far. ``--preset`` runs
 the preset as shipped instead (runs/convergence-preset, results ``convergence-preset.json`` / ``.png``): does
-the better interval at 1,000 steps also give a lower plateau?
+the better interval at 1,000 steps also give a lower plateau? ``--set KEY=VALUE`` changes one training option
+on top (its own run folder and results, named after the change): the plateau probes.
 
 At the last checkpoint it also scores the raw weights and uniform averages of the raw and EMA weights over
 the last ``--windows`` steps: if averaging over a longer window beat the EMA, the curve would be limited by
@@ -44,13 +45,34 @@ def add_arguments(p):
                    help="train (resume) before scoring (default: on)")
     p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=False,
                    help="the mnist preset as shipped (correction guidance [0, 1]) instead of STUDY_BASE [0, 0.7]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one training option (a python -m freeflow.train flag without its dashes, e.g. "
+                        "delta_one_prob=1 or corr_guidance_interval=0,1); repeatable; the run and its results "
+                        "are named after the changes (runs/convergence[-preset]-KEY=VALUE)")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a_b=1", "c=0,0.7"]`` → ``{"a_b": "1", "c": ("0", "0.7")}``: the values go to the CLI as typed."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. delta_one_prob=1), got {item!r}")
+        out[key.strip().replace("-", "_")] = tuple(value.split(",")) if "," in value else value
+    return out
+
+
+def run_name(preset: bool, overrides: dict) -> str:
+    changes = "".join(f"-{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in overrides.items())
+    return ("convergence-preset" if preset else "convergence") + changes
 
 
 def run(args) -> dict:
-    name = "convergence-preset" if args.preset else "convergence"
+    overrides = parse_overrides(args.overrides)
+    name = run_name(args.preset, overrides)
     run_dir = os.path.join(args.runs, name)
     if args.train:
-        train_run(run_dir, args.steps, args.ckpt_every, {} if args.preset else STUDY_BASE)
+        train_run(run_dir, args.steps, args.ckpt_every, {**({} if args.preset else STUDY_BASE), **overrides})
     teacher, scorer = load_teacher(), Scorer(n=args.samples)
     baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, "teacher_fd.json"))
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)
@@ -67,7 +89,7 @@ def run(args) -> dict:
     plot(os.path.join(args.out, f"{name}.png"),
          {"student, 1 step (EMA)": ([r["step"] for r in rows[1:]], [r["fd"] for r in rows[1:]])},
          hlines={f"teacher Heun {n} (NFE {2 * n - 1})": baselines[f"heun{n}"]["fd"] for n in (1, 2, 4, 32)},
-         title=f"MNIST demo{' preset' if args.preset else ''}: one-step student FD vs step "
+         title=f"MNIST demo{' preset' if args.preset else ''}{' ' + ' '.join(args.overrides)}: one-step FD vs step "
                f"({scorer.n} samples, γ = {scorer.gw})")
     print(f"[{name}] step {rows[-1]['step']}: FD {rows[-1]['fd']:.2f} (best {best['fd']:.2f} at "
           f"{best['step']}); teacher Heun 32: {teacher32:.2f}")

@@ -159,3 +159,28 @@ def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path
         result = json.load(f)
     assert [r["step"] for r in result["curve"]] == [0, 1, 2]
     assert os.path.isfile(os.path.join(out, "convergence-preset.png"))
+
+
+def test_convergence_set_changes_one_option_in_a_run_named_after_it(tmp_path, monkeypatch):
+    from freeflow.experiments import convergence
+    passed = []
+
+    def small_train_run(run_dir, steps, ckpt_every, overrides=None):
+        passed.append(dict(overrides))
+        return train_run(run_dir, steps, ckpt_every, {**overrides, "batch_size": 8, "backend": "reference"})
+
+    monkeypatch.setattr(convergence, "train_run", small_train_run)
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    argv = ["convergence", "--preset", "--set", "delta_one_prob=1", "--set", "pred-guidance-interval=0,0.5",
+            "--steps", "1", "--ckpt-every", "1", "--samples", "100", "--windows", "1", "--out", out, "--runs", runs]
+    assert cli.main(argv) == 0
+    assert passed == [{"delta_one_prob": "1", "pred_guidance_interval": ("0", "0.5")}]
+    name = "convergence-preset-delta_one_prob=1-pred_guidance_interval=0,0.5"
+    assert os.listdir(runs) == [name]
+    with open(os.path.join(runs, name, "config.json")) as f:
+        distill = json.load(f)["distill"]
+    assert distill["delta_one_prob"] == 1.0 and distill["pred_guidance_interval"] == [0.0, 0.5]
+    assert distill["corr_guidance_interval"] == [0.0, 1.0]  # the rest is the preset's
+    assert os.path.isfile(os.path.join(out, f"{name}.json"))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        convergence.parse_overrides(["delta_one_prob"])
