@@ -320,8 +320,8 @@ def case_label(kernel_name: str, label: str, launch: Launch) -> str:
     off_tiles = {k.split("_", 1)[1]: v for k, v in flags.items() if k.startswith(("BLOCK_", "HEAD_"))}
     dtype = next((DTYPES[v.dtype] for v in launch.args.values() if isinstance(v, torch.Tensor)
                   and v.dtype != torch.float32), "fp32")
-    # a head dim that may split reads D=128|64+16 (HEAD_D, HEAD_D2: one padded chunk, or two); else D=64
-    tiles = ",".join(f"{k}={v}" + (f"|{v // 2}+{off_tiles[k + '2']}" if off_tiles.get(k + "2") else "")
+    # a head dim that may split reads D=128/64+16 (HEAD_D, HEAD_D2: one padded chunk, or two); else D=64
+    tiles = ",".join(f"{k}={v}" + (f"/{v // 2}+{off_tiles[k + '2']}" if off_tiles.get(k + "2") else "")
                      for k, v in off_tiles.items() if not (k.endswith("2") and k[:-1] in off_tiles))
     return f"{kernel_name} {dtype} {label} [{'+'.join(on) or '-'}] {tiles}".rstrip()
 
