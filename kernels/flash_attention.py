@@ -16,12 +16,13 @@ the three tangent accumulators of docs/design.md §4 — μ = Σ e^{s-m} ṡ, Σ
 rescaled by the same factor. At the end O = acc/l and Ȯ = Σṡv/l - (μ/l)·O + Σv̇/l; the row
 log-sum-exp (log2 units) is stored for the backward. P is never materialised: ~3× the primal FLOPs
 for (O, Ȯ) in one pass, 4 bytes/query saved for backward besides Q, K, V, O.
-A head dim runs as at most two power-of-two column chunks, masked past its end (``head_chunks``:
-DiT-XL's 72 as 64 + 16, not one tile of 128): every head-dim product is one ``tl.dot`` per chunk
-accumulated into the same tile, and every head-dim accumulator is one tile per chunk, so operands and
-accumulators hold 80 columns, not 128 (37.5 % fewer registers, no products with zero padding); any
-sequence length works by masking keys (s = -inf) and query rows. Products run on the tensor cores in fp16/bf16 with
-fp32 accumulation, in IEEE fp32 for fp32 inputs; in the interpreter everything is upcast to fp32.
+A head dim that is not a power of two is padded to one and masked, or, in the configs whose
+``SPLIT_QK`` / ``SPLIT_V`` allow it (``_configs``), runs as two power-of-two column chunks
+(``head_chunks``: DiT-XL's 72 as 64 + 16, not one tile of 128): every head-dim product is then one
+``tl.dot`` per chunk accumulated into the same tile and every head-dim accumulator one tile per chunk,
+80 columns instead of 128. Any sequence length works by masking keys (s = -inf) and query rows.
+Products run on the tensor cores in fp16/bf16 with fp32 accumulation; fp32 inputs take the precision
+of ``FREEFLOW_FP32_DOT`` (default three-pass TF32); in the interpreter everything is fp32 (IEEE).
 The backward is the standard flash backward for the primal only (tangents are stop-gradient): a
 preprocess kernel forms Δ = rowsum(dO ⊙ O), one kernel owns a key block (dK, dV) and one a query
 block (dQ), so nothing needs atomics. Autotune configs target A100/H100; the interpreter runs the
