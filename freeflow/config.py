@@ -44,6 +44,9 @@ class TrainConfig:
     """Clip the student's global gradient norm (0 = off)."""
     ema_decay: float = 0.9999
     """Decay of the student's EMA (what student_ema.pt holds)."""
+    student_extra_depth: int = 0
+    """DiT blocks the student has beyond the teacher's depth, appended after them (adaLN-Zero, so the student
+    still starts as the teacher's Euler step): capacity for the one-step map. 0: the teacher's architecture."""
     aux: str = "full"
     """Auxiliary network g_ψ: "full" copy of the teacher or "lora" adapters (memory)."""
     lora_rank: int = 32
@@ -88,7 +91,7 @@ class TrainConfig:
     def validate(self):
         _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
                   "grid_size", "teacher_steps", "eval_samples", "lora_rank")
-        _nonnegative(self, "weight_decay", "grad_clip", "seed", "threads")
+        _nonnegative(self, "weight_decay", "grad_clip", "seed", "threads", "student_extra_depth")
         for name in ("lr", "aux_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {getattr(self, name)!r}")

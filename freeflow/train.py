@@ -23,7 +23,7 @@ from .demo import ASSETS_DIR, TEACHER_FILE
 from .distill import DistillConfig, Distiller, TeacherAdapter, add_lora, lora_parameters
 from .distributed import Processes, all_reduce_mean_, all_reduce_sum, init_processes
 from .ema import ema_update_
-from .models import DiT, FlowMapStudent, GuidedVelocityNet, load_checkpoint, save_checkpoint
+from .models import DiT, FlowMapStudent, GuidedVelocityNet, load_checkpoint, save_checkpoint, student_depth
 from .runlog import MetricsLog, progress
 from .viz import decode_latents, load_vae, plot_losses, save_grid
 
@@ -49,6 +49,16 @@ def build_aux(cfg: TrainConfig, teacher: DiT) -> tuple[GuidedVelocityNet, list]:
     add_lora(aux.net, cfg.lora_rank, targets=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
     aux.net.gw_embedder.requires_grad_(True)  # the new γ input has no pre-trained weights to adapt
     return aux, lora_parameters(aux) + list(aux.net.gw_embedder.parameters())
+
+
+def check_resumed_depth(cfg: TrainConfig, state: dict, path: str, teacher_depth: int):
+    """A checkpoint's student must have the depth this run builds: say which flag resumes it."""
+    saved = student_depth(state["student"])
+    if saved != teacher_depth + cfg.student_extra_depth:
+        raise ValueError(f"{path} holds a student of depth {saved} (the teacher's {teacher_depth} + "
+                         f"{saved - teacher_depth}), but --student-extra-depth {cfg.student_extra_depth} builds "
+                         f"{teacher_depth + cfg.student_extra_depth}: resume with --student-extra-depth "
+                         f"{saved - teacher_depth} (or --config {os.path.join(cfg.out, 'config.json')})")
 
 
 def start_wandb(cfg: TrainConfig, dcfg: DistillConfig):
@@ -129,7 +139,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     shape = (tcfg.in_channels, *(tcfg.grid[i] * tcfg.patch_size for i in range(2)))
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     adapter = TeacherAdapter(teacher, num_classes, autocast_dtype=torch.bfloat16 if bf16 else None)
-    student = FlowMapStudent.from_teacher(teacher).to(device).train()
+    student = FlowMapStudent.from_teacher(teacher, cfg.student_extra_depth).to(device).train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     aux, aux_params = build_aux(cfg, teacher)
     aux = aux.to(device).train()
@@ -143,6 +153,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     ckpts = CheckpointDir(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
     state, path = ckpts.load_newest_good() if cfg.resume else (None, None)
     if state is not None:
+        check_resumed_depth(cfg, state, path, tcfg.depth)
         student.load_state_dict(state["student"])
         ema.load_state_dict(state["ema"])
         aux.load_state_dict(state["aux"], strict=False)

@@ -26,7 +26,7 @@ from ..demo.features import extract_features, load_feature_net, load_reference_s
 from ..distill import TeacherAdapter
 from ..evaluate import precision_recall
 from ..frechet import frechet_distance
-from ..models import FlowMapStudent, load_checkpoint
+from ..models import FlowMapStudent, load_checkpoint, student_depth
 
 RESULTS_DIR = "docs/experiments"
 RUNS_DIR = "runs/experiments"
@@ -113,7 +113,7 @@ def averaged_student(teacher, ckpt_paths, key: str = "student") -> FlowMapStuden
         weights = torch.load(path, map_location="cpu", weights_only=True)[key]
         total = ({k: v.double() for k, v in weights.items()} if total is None
                  else {k: total[k] + v.double() for k, v in weights.items()})
-    student = FlowMapStudent.from_teacher(teacher)
+    student = FlowMapStudent.from_teacher(teacher, extra_depth=student_depth(total) - teacher.config.depth)
     student.load_state_dict({k: (v / len(ckpt_paths)).to(student.state_dict()[k].dtype) for k, v in total.items()})
     return student.eval().requires_grad_(False)
 

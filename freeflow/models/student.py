@@ -28,12 +28,18 @@ def _check_family(teacher: DiT):
                          "teacher (family 'sit', 'repa', 'freeflow' or 'internal')")
 
 
-def _clone_with(teacher: DiT, *, take_dt: bool, take_gw: bool) -> DiT:
-    """A copy of the teacher's network with extra conditioning embedders (zero last Linear)."""
-    cfg = DiTConfig(**{**teacher.config.to_dict(), "take_dt": take_dt, "take_gw": take_gw})
+def _clone_with(teacher: DiT, *, take_dt: bool, take_gw: bool, extra_depth: int = 0) -> DiT:
+    """A copy of the teacher's network with extra conditioning embedders (zero last Linear) and
+    ``extra_depth`` new blocks after the teacher's (adaLN-Zero: each starts as the identity)."""
+    if not isinstance(extra_depth, int) or extra_depth < 0:
+        raise ValueError(f"extra_depth must be an integer >= 0, got {extra_depth!r}")
+    depth = teacher.config.depth
+    cfg = DiTConfig(**{**teacher.config.to_dict(), "take_dt": take_dt, "take_gw": take_gw,
+                       "depth": depth + extra_depth})
     net = DiT(cfg, family=teacher.family, backend=teacher.backend)
     missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-    new = [k for k in missing if not k.startswith(("dt_embedder.", "gw_embedder."))]
+    grown = tuple(f"blocks.{i}." for i in range(depth, depth + extra_depth))
+    new = [k for k in missing if not k.startswith(("dt_embedder.", "gw_embedder.", *grown))]
     if new or unexpected:
         raise ValueError(f"teacher state does not fit its clone: missing {new}, unexpected {unexpected}")
     for emb in (net.dt_embedder, net.gw_embedder):
@@ -42,6 +48,11 @@ def _clone_with(teacher: DiT, *, take_dt: bool, take_gw: bool) -> DiT:
             nn.init.zeros_(emb.mlp[2].weight)
             nn.init.zeros_(emb.mlp[2].bias)
     return net.to(next(teacher.parameters()).device)
+
+
+def student_depth(state: dict) -> int:
+    """Number of DiT blocks in a ``FlowMapStudent`` state dict (keys ``net.blocks.<i>.…``)."""
+    return len({k.split(".")[2] for k in state if k.startswith("net.blocks.")})
 
 
 class _ConventionMixin:
@@ -64,9 +75,11 @@ class FlowMapStudent(_ConventionMixin, nn.Module):
         self.net = net
 
     @classmethod
-    def from_teacher(cls, teacher: DiT) -> FlowMapStudent:
+    def from_teacher(cls, teacher: DiT, extra_depth: int = 0) -> FlowMapStudent:
+        """The student that starts as one Euler step of ``teacher``; ``extra_depth`` appends that many
+        identity-initialised blocks (more capacity than the teacher for the one-step map)."""
         _check_family(teacher)
-        return cls(_clone_with(teacher, take_dt=True, take_gw=True))
+        return cls(_clone_with(teacher, take_dt=True, take_gw=True, extra_depth=extra_depth))
 
     def _time(self, z, t=None):
         """The network's time input: the noise end (internal t = 1) when ``t`` is None, else ``t`` mapped."""

@@ -172,15 +172,24 @@ def test_convergence_set_changes_one_option_in_a_run_named_after_it(tmp_path, mo
     monkeypatch.setattr(convergence, "train_run", small_train_run)
     out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
     argv = ["convergence", "--preset", "--set", "delta_one_prob=1", "--set", "pred-guidance-interval=0,0.5",
+            "--set", "student_extra_depth=1",
             "--steps", "1", "--ckpt-every", "1", "--samples", "100", "--windows", "1", "--out", out, "--runs", runs]
     assert cli.main(argv) == 0
-    assert passed == [{"delta_one_prob": "1", "pred_guidance_interval": ("0", "0.5")}]
-    name = "convergence-preset-delta_one_prob=1-pred_guidance_interval=0,0.5"
+    assert passed == [{"delta_one_prob": "1", "pred_guidance_interval": ("0", "0.5"), "student_extra_depth": "1"}]
+    name = "convergence-preset-delta_one_prob=1-pred_guidance_interval=0,0.5-student_extra_depth=1"
     assert os.listdir(runs) == [name]
     with open(os.path.join(runs, name, "config.json")) as f:
-        distill = json.load(f)["distill"]
+        config = json.load(f)
+    distill = config["distill"]
     assert distill["delta_one_prob"] == 1.0 and distill["pred_guidance_interval"] == [0.0, 0.5]
     assert distill["corr_guidance_interval"] == [0.0, 1.0]  # the rest is the preset's
+    # a deeper student than the teacher trains, and its checkpoints score (the scorer rebuilds its depth)
+    assert config["train"]["student_extra_depth"] == 1
+    ema = torch.load(checkpoint_steps(os.path.join(runs, name))[1], map_location="cpu", weights_only=True)["ema"]
+    depth = load_teacher().config.depth
+    assert f"net.blocks.{depth}.attn.qkv.weight" in ema and f"net.blocks.{depth + 1}.attn.qkv.weight" not in ema
+    assert averaged_student(load_teacher(), [checkpoint_steps(os.path.join(runs, name))[1]]).net.config.depth \
+        == depth + 1
     assert os.path.isfile(os.path.join(out, f"{name}.json"))
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         convergence.parse_overrides(["delta_one_prob"])

@@ -119,12 +119,13 @@ def test_named_configs(name):
 
 # --------------------------------- student --------------------------------------------------
 
-@pytest.mark.parametrize("family", ["internal", "repa", "sit"])
-def test_student_at_init_is_one_euler_step_of_teacher(family):
+@pytest.mark.parametrize("family, extra_depth", [("internal", 0), ("repa", 0), ("sit", 0), ("sit", 2)])
+def test_student_at_init_is_one_euler_step_of_teacher(family, extra_depth):
     cfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3,
                     num_classes=6, learn_sigma=family == "sit")
     teacher = _randomize(DiT(cfg, family=family), seed=4)
-    student = FlowMapStudent.from_teacher(teacher)
+    student = FlowMapStudent.from_teacher(teacher, extra_depth=extra_depth)
+    assert len(student.net.blocks) == 2 + extra_depth
     z = torch.randn(3, 4, 8, 8)
     y = torch.tensor([0, 5, 6])
     gw = torch.tensor([1.0, 2.5, 4.0])
@@ -138,6 +139,18 @@ def test_student_at_init_is_one_euler_step_of_teacher(family):
     with torch.no_grad():
         f_half = student(z, 0.5 * ones, y, 3 * ones)
     assert (f_half - v).abs().max().item() <= 1e-6
+    if extra_depth:  # the appended blocks are in the forward pass: opening one's gates changes the output
+        _randomize(student.net.blocks[-1], seed=5)
+        with torch.no_grad():
+            assert (student(z, ones, y, gw) - v).abs().max().item() > 1e-3
+
+
+def test_student_extra_depth_must_be_a_nonnegative_integer():
+    teacher = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=1, num_heads=3,
+                            num_classes=6), family="internal")
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="extra_depth must be an integer >= 0"):
+            FlowMapStudent.from_teacher(teacher, extra_depth=bad)
 
 
 def test_student_forward_jvp_in_delta_equals_torch_func_jvp():

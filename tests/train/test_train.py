@@ -71,6 +71,18 @@ def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path):
     assert cfg["train"]["steps"] == 6 and cfg["distill"]["pred_fraction"] == 0.75
 
 
+def test_a_deeper_student_resumes_and_is_saved_with_its_depth(teacher_path, tmp_path):
+    out = tmp_path / "deeper"
+    _train(*_args(teacher_path, out, 3, student_extra_depth=2))
+    wrong = _train(*_args(teacher_path, out, 5), check=False)  # the flag forgotten on resume: a clear error
+    assert wrong.returncode != 0 and "resume with --student-extra-depth 2" in wrong.stderr
+    _train(*_args(teacher_path, out, 5, student_extra_depth=2))
+    assert sorted(_metrics(out)) == list(range(1, 6))
+    student = load_checkpoint(os.path.join(out, "student_ema.pt"), backend="reference")
+    assert student.config.depth == load_checkpoint(teacher_path).config.depth + 2
+    assert student.blocks[-1].adaLN_modulation[-1].weight.abs().sum() > 0  # the new blocks trained
+
+
 def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _train(*_args(teacher_path, ref, 30, ckpt_every=1))
@@ -131,6 +143,7 @@ def test_two_process_ddp_equals_one_process(teacher_path, tmp_path):
     (["--aux", "half"], "--aux must be one of"),
     (["--pred-fraction", "1.5"], "pred_fraction"),
     (["--ema-decay", "1.0"], "--ema-decay must be in"),
+    (["--student-extra-depth", "-1"], "--student-extra-depth must be >= 0"),
 ])
 def test_invalid_values_fail_before_any_work(argv, match):
     with pytest.raises(ValueError, match=match):
