@@ -85,6 +85,18 @@ def jit_function(kernel):
     return kernel
 
 
+def with_heuristics(kernel, args: dict) -> dict:
+    """``args`` (a launch's arguments and its config) plus the constexprs the kernel's ``@triton.heuristics``
+    derive from them, as a launch computes them: compiling the JITFunction alone does not."""
+    from triton.runtime.autotuner import Heuristics
+    while hasattr(kernel, "fn"):
+        if isinstance(kernel, Heuristics):
+            for name, rule in kernel.values.items():  # in order: a rule sees the ones before it
+                args = {**args, name: rule(args)}
+        kernel = kernel.fn
+    return args
+
+
 @contextlib.contextmanager
 def recording():
     """Replace every kernel's ``run`` by a recorder; yields the list the launches are appended to."""
@@ -237,8 +249,9 @@ def compile_job(job):
     kernel_name, args, config, num_warps, num_stages, cc = job
     import triton
     from triton.backends.compiler import GPUTarget
-    fn = jit_function(_kernels()[kernel_name])
-    args = {**args, **config}
+    kernel = _kernels()[kernel_name]
+    fn = jit_function(kernel)
+    args = with_heuristics(kernel, {**args, **config})
     signature, constexprs, attrs = {}, {}, {}
     for i, (p, name) in enumerate(zip(fn.params, fn.arg_names)):
         v = args.get(name)

@@ -136,12 +136,27 @@ _FWD_KEY = _BWD_KEY + ["HAS_TQ", "HAS_TK", "HAS_TV"]
 _REG_BUDGET = {"fwd": 128, "fwd_tangent": 80, "bwd": 176}
 
 
+def _chunks(head, tail, split):
+    """(first, second) column chunk of a head dim padded to ``head`` whose ``head_chunks`` tail is ``tail``:
+    half the padded width and the tail where there is one and the config splits, else (head, 0)."""
+    return (head // 2, tail) if split and tail else (head, 0)
+
+
+# The chunk widths every attention kernel tiles its head dims with, as constexprs derived per launch from
+# the head-dim flags and the config's split flags (a @triton.jit helper cannot return a constexpr that
+# sizes tl.zeros). A second chunk of 0 means the head dim runs unsplit.
+_head_chunk_widths = triton.heuristics({
+    "BLOCK_D": lambda a: _chunks(a["HEAD_D"], a["HEAD_D2"], a["SPLIT_QK"])[0],
+    "BLOCK_D2": lambda a: _chunks(a["HEAD_D"], a["HEAD_D2"], a["SPLIT_QK"])[1],
+    "BLOCK_DV": lambda a: _chunks(a["HEAD_DV"], a["HEAD_DV2"], a["SPLIT_V"])[0],
+    "BLOCK_DV2": lambda a: _chunks(a["HEAD_DV"], a["HEAD_DV2"], a["SPLIT_V"])[1],
+})
+
+
 def _widths(config, meta):
     """(q/k head-dim columns, v head-dim columns, bytes per operand) a launch computes with under a config."""
-    def width(head, tail, split):
-        return head // 2 + tail if split and tail else head
-    d = width(meta["HEAD_D"], meta["HEAD_D2"], config.kwargs["SPLIT_QK"])
-    dv = width(meta["HEAD_DV"], meta["HEAD_DV2"], config.kwargs["SPLIT_V"])
+    d = sum(_chunks(meta["HEAD_D"], meta["HEAD_D2"], config.kwargs["SPLIT_QK"]))
+    dv = sum(_chunks(meta["HEAD_DV"], meta["HEAD_DV2"], config.kwargs["SPLIT_V"]))
     return d, dv, 4 if meta["UPCAST"] else 2
 
 
@@ -235,6 +250,7 @@ def _dot_nt(a, a2, b, b2, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_fwd_footprint, "fwd")})
+@_head_chunk_widths
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, TQ, TK, TV,         # (B, H, S, D|Dv) inputs and tangents, any strides
@@ -251,18 +267,13 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = rows < S_q
-    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
-    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
-    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
-    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
-    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
-    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
     TANGENT_S: tl.constexpr = HAS_TQ or HAS_TK
     TANGENT: tl.constexpr = TANGENT_S or HAS_TV
     q, q2 = _load_head(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, stride_qd, D,
@@ -275,12 +286,12 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # Σ e^{s - m}
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # Σ e^{s - m} v, head-dim chunk by chunk
-    if SPLIT_DV:
+    if BLOCK_DV2 > 0:
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     if TANGENT:
         # Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ share their rescale: one accumulator holds their sum
         acc_t = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        if SPLIT_DV:
+        if BLOCK_DV2 > 0:
             acc_t2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     if TANGENT_S:
         mu = tl.zeros([BLOCK_M], dtype=tl.float32)             # Σ e^{s - m} ṡ
@@ -291,50 +302,50 @@ def _attn_fwd_kernel(
         col_ok = cols < S_k
         k, k2 = _load_head(k_base, cols, col_ok, stride_ks, stride_kd, D, BLOCK_D, BLOCK_D2, UPCAST)
         v, v2 = _load_head(v_base, cols, col_ok, stride_vs, stride_vd, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
-        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
+        s = _dot_nt(q, q2, k, k2, None, BLOCK_D2 > 0, PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        if SPLIT_DV:
+        if BLOCK_DV2 > 0:
             acc2 = tl.dot(p.to(v.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
         if TANGENT:
             acc_t = acc_t * alpha[:, None]
-            if SPLIT_DV:
+            if BLOCK_DV2 > 0:
                 acc_t2 = acc_t2 * alpha[:, None]
         if TANGENT_S:
             if HAS_TK:
                 tk, tk2 = _load_head(TK + b * stride_tkb + h * stride_tkh, cols, col_ok, stride_tks, stride_tkd, D,
                                      BLOCK_D, BLOCK_D2, UPCAST)
             if HAS_TQ:
-                s_dot = _dot_nt(tq, tq2, k, k2, None, SPLIT_D, PRECISION)
+                s_dot = _dot_nt(tq, tq2, k, k2, None, BLOCK_D2 > 0, PRECISION)
                 if HAS_TK:
-                    s_dot = _dot_nt(q, q2, tk, tk2, s_dot, SPLIT_D, PRECISION)
+                    s_dot = _dot_nt(q, q2, tk, tk2, s_dot, BLOCK_D2 > 0, PRECISION)
             else:
-                s_dot = _dot_nt(q, q2, tk, tk2, None, SPLIT_D, PRECISION)
+                s_dot = _dot_nt(q, q2, tk, tk2, None, BLOCK_D2 > 0, PRECISION)
             p_sdot = p * (s_dot * sm_scale)  # ṡ in natural units, as in the formula for Ȯ
             mu = mu * alpha + tl.sum(p_sdot, axis=1)
             acc_t = tl.dot(p_sdot.to(v.dtype), v, acc_t, input_precision=PRECISION)
-            if SPLIT_DV:
+            if BLOCK_DV2 > 0:
                 acc_t2 = tl.dot(p_sdot.to(v.dtype), v2, acc_t2, input_precision=PRECISION)
         if HAS_TV:
             tv, tv2 = _load_head(TV + b * stride_tvb + h * stride_tvh, cols, col_ok, stride_tvs, stride_tvd, Dv,
                                  BLOCK_DV, BLOCK_DV2, UPCAST)
             acc_t = tl.dot(p.to(tv.dtype), tv, acc_t, input_precision=PRECISION)
-            if SPLIT_DV:
+            if BLOCK_DV2 > 0:
                 acc_t2 = tl.dot(p.to(tv.dtype), tv2, acc_t2, input_precision=PRECISION)
         m_i = m_new
 
     inv_l = 1.0 / l_i
     o = acc * inv_l[:, None]
-    if SPLIT_DV:
+    if BLOCK_DV2 > 0:
         o2 = acc2 * inv_l[:, None]
     out = bh * S_q * Dv
     if STORE_O:
         _store_tile(Out + out, o, rows, row_ok, Dv, 0, BLOCK_DV)
-        if SPLIT_DV:
+        if BLOCK_DV2 > 0:
             _store_tile(Out + out, o2, rows, row_ok, Dv, BLOCK_DV, BLOCK_DV2)
         tl.store(LSE + bh * S_q + rows, m_i + tl.log2(l_i), mask=row_ok)
     if TANGENT:
@@ -342,7 +353,7 @@ def _attn_fwd_kernel(
         if TANGENT_S:
             o_dot -= (mu * inv_l)[:, None] * o
         _store_tile(TOut + out, o_dot, rows, row_ok, Dv, 0, BLOCK_DV)
-        if SPLIT_DV:
+        if BLOCK_DV2 > 0:
             o_dot2 = acc_t2 * inv_l[:, None]
             if TANGENT_S:
                 o_dot2 -= (mu * inv_l)[:, None] * o2
@@ -369,6 +380,7 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_BWD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "kv"), "bwd")})
+@_head_chunk_widths
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta,     # saved inputs, incoming dO (any strides), saved LSE, Delta
@@ -382,6 +394,7 @@ def _attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
     """One program owns BLOCK_N keys and loops over all queries: dV = Pᵀ dO, dK = scale·dSᵀ Q."""
     bh = tl.program_id(1)
@@ -389,12 +402,6 @@ def _attn_bwd_dkdv_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     col_ok = cols < S_k
-    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
-    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
-    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
-    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
-    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
-    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
     k, k2 = _load_head(K + b * stride_kb + h * stride_kh, cols, col_ok, stride_ks, stride_kd, D,
                        BLOCK_D, BLOCK_D2, UPCAST)
     v, v2 = _load_head(V + b * stride_vb + h * stride_vh, cols, col_ok, stride_vs, stride_vd, Dv,
@@ -402,9 +409,9 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    if SPLIT_D:
+    if BLOCK_D2 > 0:
         dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
-    if SPLIT_DV:
+    if BLOCK_DV2 > 0:
         dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -415,27 +422,28 @@ def _attn_bwd_dkdv_kernel(
         do, do2 = _load_head(do_base, rows, row_ok, stride_dos, stride_dod, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
         lse = tl.load(LSE + bh * S_q + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
-        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
+        s = _dot_nt(q, q2, k, k2, None, BLOCK_D2 > 0, PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         p_t = tl.trans(p).to(do.dtype)
         dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
-        if SPLIT_DV:
+        if BLOCK_DV2 > 0:
             dv2 = tl.dot(p_t, do2, dv2, input_precision=PRECISION)
-        dp = _dot_nt(do, do2, v, v2, None, SPLIT_DV, PRECISION)
+        dp = _dot_nt(do, do2, v, v2, None, BLOCK_DV2 > 0, PRECISION)
         ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-        if SPLIT_D:
+        if BLOCK_D2 > 0:
             dk2 = tl.dot(ds_t, q2, dk2, input_precision=PRECISION)
     _store_tile(DK + bh * S_k * D, dk * sm_scale, cols, col_ok, D, 0, BLOCK_D)
     _store_tile(DV + bh * S_k * Dv, dv, cols, col_ok, Dv, 0, BLOCK_DV)
-    if SPLIT_D:
+    if BLOCK_D2 > 0:
         _store_tile(DK + bh * S_k * D, dk2 * sm_scale, cols, col_ok, D, BLOCK_D, BLOCK_D2)
-    if SPLIT_DV:
+    if BLOCK_DV2 > 0:
         _store_tile(DV + bh * S_k * Dv, dv2, cols, col_ok, Dv, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_BWD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(lambda c, m: _bwd_footprint(c, m, "q"), "bwd")})
+@_head_chunk_widths
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta,
@@ -449,6 +457,7 @@ def _attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_QK: tl.constexpr, SPLIT_V: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DV2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
     """One program owns BLOCK_M queries and loops over all keys: dQ = scale·dS K (no atomics)."""
     bh = tl.program_id(1)
@@ -456,12 +465,6 @@ def _attn_bwd_dq_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = rows < S_q
-    SPLIT_D: tl.constexpr = SPLIT_QK and HEAD_D2 > 0
-    SPLIT_DV: tl.constexpr = SPLIT_V and HEAD_DV2 > 0
-    BLOCK_D: tl.constexpr = HEAD_D // 2 if SPLIT_D else HEAD_D        # head-dim chunks (``head_chunks``)
-    BLOCK_D2: tl.constexpr = HEAD_D2 if SPLIT_D else 0
-    BLOCK_DV: tl.constexpr = HEAD_DV // 2 if SPLIT_DV else HEAD_DV
-    BLOCK_DV2: tl.constexpr = HEAD_DV2 if SPLIT_DV else 0
     q, q2 = _load_head(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, stride_qd, D,
                        BLOCK_D, BLOCK_D2, UPCAST)
     do, do2 = _load_head(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dos, stride_dod, Dv,
@@ -470,7 +473,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + bh * S_q + rows, mask=row_ok, other=0.0)
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SPLIT_D:
+    if BLOCK_D2 > 0:
         dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -479,15 +482,15 @@ def _attn_bwd_dq_kernel(
         col_ok = cols < S_k
         k, k2 = _load_head(k_base, cols, col_ok, stride_ks, stride_kd, D, BLOCK_D, BLOCK_D2, UPCAST)
         v, v2 = _load_head(v_base, cols, col_ok, stride_vs, stride_vd, Dv, BLOCK_DV, BLOCK_DV2, UPCAST)
-        s = _dot_nt(q, q2, k, k2, None, SPLIT_D, PRECISION) * qk_scale
+        s = _dot_nt(q, q2, k, k2, None, BLOCK_D2 > 0, PRECISION) * qk_scale
         p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot_nt(do, do2, v, v2, None, SPLIT_DV, PRECISION)
+        dp = _dot_nt(do, do2, v, v2, None, BLOCK_DV2 > 0, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = tl.dot(ds, k, dq, input_precision=PRECISION)
-        if SPLIT_D:
+        if BLOCK_D2 > 0:
             dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
     _store_tile(DQ + bh * S_q * D, dq * sm_scale, rows, row_ok, D, 0, BLOCK_D)
-    if SPLIT_D:
+    if BLOCK_D2 > 0:
         _store_tile(DQ + bh * S_q * D, dq2 * sm_scale, rows, row_ok, D, BLOCK_D, BLOCK_D2)
 
 

@@ -72,6 +72,12 @@ def test_recorded_launches_are_what_dispatch_launches():
                                          for s in (True, False) if a or b or c})
     # GPU settings: bf16 on the tensor cores; head dim 72 padded to 128, or as 64 + 16 where a config splits it
     assert all((f["HEAD_D"], f["HEAD_D2"], f["UPCAST"]) == (128, 16, False) for f in flags)
+    # what compile_job compiles: the chunk widths the kernels' heuristics derive, as head_chunks splits 72
+    la = next(la for la in launches if la.kernel is fa._attn_bwd_dkdv_kernel)
+    for split_qk, split_v, want in ((True, False, (64, 16, 128, 0)), (False, True, (128, 0, 64, 16)),
+                                    (False, False, (128, 0, 128, 0))):
+        args = aot.with_heuristics(la.kernel, {**la.args, "SPLIT_QK": split_qk, "SPLIT_V": split_v})
+        assert tuple(args[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")) == want
     adaln = aot.adaln_launches(torch.bfloat16, 1152)
     fwd = {tuple(sorted(k for k, v in aot.flags_of(la).items() if v is True)) for la in adaln
            if "fwd" in la.kernel.fn.__name__ if hasattr(la.kernel, "fn")} or None
