@@ -104,6 +104,13 @@ def render_readme(out: Path) -> str:
                   "part of the reference, so it is optimistic); FD shrinks with N, so compare at equal N.",
                   f"- command: `{e['command']}`", "",
                   f"`{SAMPLES_FILE}`: one column per class 0-9, Heun 32 steps, γ = {e['gamma']}.", ""]
+    if (out / "mnist_teacher_long.pt").is_file():  # written by the experiments, not by this command
+        lines += ["## `mnist_teacher_long.pt` — the same teacher trained 4× longer", "",
+                  "The architecture and recipe of `mnist_teacher.pt`, 14,400 steps instead of 3,600; best at "
+                  "γ ≈ 1.5, not 2. Written by `python -m freeflow.experiments teacher --install`; its training "
+                  "record and FD table are in the repository's docs/experiments.md (\"A teacher worth "
+                  "distilling\") and docs/experiments/teacher.json. Distil it with `python -m freeflow.train "
+                  "--teacher-ckpt <this file> --gw-min 1 --gw-max 2 --eval-gw 1.5`.", ""]
     env = rec.get("environment")
     if env:
         lines += ["## Environment", "", f"torch {env['torch']}, numpy {env['numpy']}, Python {env['python']}, "

@@ -7,7 +7,9 @@ checkpoint every ``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA s
 class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far. ``--preset`` runs
 the preset as shipped instead (runs/convergence-preset, results ``convergence-preset.json`` / ``.png``): does
 the better interval at 1,000 steps also give a lower plateau? ``--set KEY=VALUE`` changes one training option
-on top (its own run folder and results, named after the change): the plateau probes.
+on top (its own run folder and results, named after the change): the plateau probes. ``--set
+teacher_ckpt=PATH`` distils another teacher (named by its file stem); ``--gw`` scores student and teacher
+baselines at that teacher's own best guidance scale (the shipped teacher's is 2).
 
 At the last checkpoint it also scores the raw weights and uniform averages of the raw and EMA weights over
 the last ``--windows`` steps: if averaging over a longer window beat the EMA, the curve would be limited by
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..demo import TEACHER_FILE
 from .common import (
     STUDY_BASE,
     Scorer,
@@ -45,6 +48,9 @@ def add_arguments(p):
                    help="train (resume) before scoring (default: on)")
     p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=False,
                    help="the mnist preset as shipped (correction guidance [0, 1]) instead of STUDY_BASE [0, 0.7]")
+    p.add_argument("--gw", type=float, default=2.0,
+                   help="guidance scale γ of every FD (student and teacher baselines; default: 2.0, the shipped "
+                        "teacher's best; a --set teacher_ckpt may want another)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change one training option (a python -m freeflow.train flag without its dashes, e.g. "
                         "delta_one_prob=1 or corr_guidance_interval=0,1); repeatable; the run and its results "
@@ -62,19 +68,27 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def run_name(preset: bool, overrides: dict) -> str:
-    changes = "".join(f"-{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in overrides.items())
-    return ("convergence-preset" if preset else "convergence") + changes
+def run_name(preset: bool, overrides: dict, gw: float = 2.0) -> str:
+    """The run's (and its results') name: the changes in order, a path value by its file stem."""
+    def show(v):
+        if isinstance(v, tuple):
+            return ",".join(v)
+        return os.path.splitext(os.path.basename(v))[0] if os.sep in v else v
+    changes = "".join(f"-{k}={show(v)}" for k, v in overrides.items())
+    return ("convergence-preset" if preset else "convergence") + changes + (f"-gw={gw:g}" if gw != 2.0 else "")
 
 
 def run(args) -> dict:
     overrides = parse_overrides(args.overrides)
-    name = run_name(args.preset, overrides)
-    run_dir = os.path.join(args.runs, name)
+    name = run_name(args.preset, overrides, args.gw)
+    run_dir = os.path.join(args.runs, run_name(args.preset, overrides))  # γ of the scores: not of the run
     if args.train:
         train_run(run_dir, args.steps, args.ckpt_every, {**({} if args.preset else STUDY_BASE), **overrides})
-    teacher, scorer = load_teacher(), Scorer(n=args.samples)
-    baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, "teacher_fd.json"))
+    teacher_ckpt = overrides.get("teacher_ckpt", "")
+    teacher, scorer = load_teacher(teacher_ckpt), Scorer(n=args.samples, gw=args.gw)
+    cache = "teacher_fd.json" if not teacher_ckpt and args.gw == 2.0 else \
+        f"teacher_fd-{os.path.splitext(os.path.basename(teacher_ckpt or TEACHER_FILE))[0]}-gw={args.gw:g}.json"
+    baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, cache), teacher_ckpt=teacher_ckpt)
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)
     averaging = weight_averaging(scorer, teacher, run_dir, [int(w) for w in args.windows.split(",")],
                                  last=rows[-1]["step"])

@@ -21,7 +21,7 @@ LONG_TEACHER_FILE = "mnist_teacher_long.pt"
 def add_arguments(p):
     p.add_argument("--steps", type=int, default=14_400, help="teacher training steps (default: 14400, 4x the shipped)")
     p.add_argument("--samples", type=int, default=1500, help="samples per FD (default: 1500)")
-    p.add_argument("--gammas", default="1.5,2.0,2.5,3.0", help="guidance scales of the sweep")
+    p.add_argument("--gammas", default="1.0,1.25,1.5,2.0,2.5,3.0", help="guidance scales of the sweep")
     p.add_argument("--install", action="store_true", help=f"copy the new teacher to the assets as {LONG_TEACHER_FILE}")
 
 

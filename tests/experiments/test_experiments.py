@@ -193,3 +193,32 @@ def test_convergence_set_changes_one_option_in_a_run_named_after_it(tmp_path, mo
     assert os.path.isfile(os.path.join(out, f"{name}.json"))
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         convergence.parse_overrides(["delta_one_prob"])
+
+
+def test_convergence_of_another_teacher_scores_it_at_its_own_guidance(tmp_path, monkeypatch):
+    """``--set teacher_ckpt=PATH --gw G``: the run is named after the file, and the baselines are that
+    teacher's at γ = G, cached apart from the shipped teacher's."""
+    from freeflow.experiments import convergence
+    from freeflow.models import DiT, DiTConfig, save_checkpoint
+    other = tmp_path / "teachers" / "other_teacher.pt"
+    other.parent.mkdir()
+    save_checkpoint(DiT(DiTConfig(input_size=28, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                                  num_classes=10, learn_sigma=False)), str(other))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def baselines(scorer, teacher, cache, teacher_ckpt=""):
+        seen.update(gw=scorer.gw, cache=os.path.basename(cache), teacher_ckpt=teacher_ckpt, depth=teacher.config.depth)
+        raise Stop
+
+    monkeypatch.setattr(convergence, "train_run", lambda *a, **k: None)
+    monkeypatch.setattr(convergence, "teacher_baselines", baselines)
+    with pytest.raises(Stop):
+        cli.main(["convergence", "--preset", "--set", f"teacher_ckpt={other}", "--set", "gw_min=1", "--gw", "1.5",
+                  "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
+    assert seen == dict(gw=1.5, cache="teacher_fd-other_teacher-gw=1.5.json", teacher_ckpt=str(other), depth=1)
+    assert convergence.run_name(True, convergence.parse_overrides([f"teacher_ckpt={other}", "lr=0.5"]), 1.5) == \
+        "convergence-preset-teacher_ckpt=other_teacher-lr=0.5-gw=1.5"
+    assert convergence.run_name(False, {}) == "convergence"
