@@ -14,6 +14,7 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TEACHER_FILE = "mnist_teacher.pt"
+LONG_TEACHER_FILE = "mnist_teacher_long.pt"  # 4x the training (python -m freeflow.experiments teacher)
 FEATURE_NET_FILE = "mnist_features.pt"
 STATS_FILE = "mnist_feature_stats.npz"
 LOG_FILE = "pretrain_log.json"

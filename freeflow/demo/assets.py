@@ -22,7 +22,7 @@ import torch
 
 from ..models import load_checkpoint, save_checkpoint
 from ..viz import save_grid
-from . import ASSETS_DIR, FEATURE_NET_FILE, LOG_FILE, SAMPLES_FILE, STATS_FILE, TEACHER_FILE
+from . import ASSETS_DIR, FEATURE_NET_FILE, LOG_FILE, LONG_TEACHER_FILE, SAMPLES_FILE, STATS_FILE, TEACHER_FILE
 from .data import load_digits
 from .evaluate import evaluate_teacher, sample_teacher
 from .features import feature_statistics, load_feature_net, load_reference_stats, save_feature_net, train_feature_net
@@ -104,13 +104,13 @@ def render_readme(out: Path) -> str:
                   "part of the reference, so it is optimistic); FD shrinks with N, so compare at equal N.",
                   f"- command: `{e['command']}`", "",
                   f"`{SAMPLES_FILE}`: one column per class 0-9, Heun 32 steps, γ = {e['gamma']}.", ""]
-    if (out / "mnist_teacher_long.pt").is_file():  # written by the experiments, not by this command
-        lines += ["## `mnist_teacher_long.pt` — the same teacher trained 4× longer", "",
-                  "The architecture and recipe of `mnist_teacher.pt`, 14,400 steps instead of 3,600; best at "
-                  "γ ≈ 1.5, not 2. Written by `python -m freeflow.experiments teacher --install`; its training "
+    if (out / LONG_TEACHER_FILE).is_file():  # written by the experiments, not by this command
+        lines += [f"## `{LONG_TEACHER_FILE}` — the same teacher trained 4× longer", "",
+                  f"The architecture and recipe of `{TEACHER_FILE}`, 14,400 steps instead of 3,600; best at "
+                  "γ = 1.25, not 2. Written by `python -m freeflow.experiments teacher --install`; its training "
                   "record and FD table are in the repository's docs/experiments.md (\"A teacher worth "
                   "distilling\") and docs/experiments/teacher.json. Distil it with `python -m freeflow.train "
-                  "--teacher-ckpt <this file> --gw-min 1 --gw-max 2 --eval-gw 1.5`.", ""]
+                  "--teacher-ckpt <this file> --gw-min 1 --gw-max 2 --eval-gw 1.25`.", ""]
     env = rec.get("environment")
     if env:
         lines += ["## Environment", "", f"torch {env['torch']}, numpy {env['numpy']}, Python {env['python']}, "

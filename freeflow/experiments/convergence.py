@@ -68,12 +68,16 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def run_name(preset: bool, overrides: dict, gw: float = 2.0) -> str:
     """The run's (and its results') name: the changes in order, a path value by its file stem."""
     def show(v):
         if isinstance(v, tuple):
             return ",".join(v)
-        return os.path.splitext(os.path.basename(v))[0] if os.sep in v else v
+        return _stem(v) if os.sep in v else v
     changes = "".join(f"-{k}={show(v)}" for k, v in overrides.items())
     return ("convergence-preset" if preset else "convergence") + changes + (f"-gw={gw:g}" if gw != 2.0 else "")
 
@@ -87,7 +91,7 @@ def run(args) -> dict:
     teacher_ckpt = overrides.get("teacher_ckpt", "")
     teacher, scorer = load_teacher(teacher_ckpt), Scorer(n=args.samples, gw=args.gw)
     cache = "teacher_fd.json" if not teacher_ckpt and args.gw == 2.0 else \
-        f"teacher_fd-{os.path.splitext(os.path.basename(teacher_ckpt or TEACHER_FILE))[0]}-gw={args.gw:g}.json"
+        f"teacher_fd-{_stem(teacher_ckpt or TEACHER_FILE)}-gw={args.gw:g}.json"
     baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, cache), teacher_ckpt=teacher_ckpt)
     rows = score_checkpoints(scorer, teacher, run_dir, every=args.every)
     averaging = weight_averaging(scorer, teacher, run_dir, [int(w) for w in args.windows.split(",")],

@@ -12,10 +12,8 @@ import json
 import os
 import shutil
 
-from ..demo import ASSETS_DIR, FEATURE_NET_FILE, LOG_FILE, STATS_FILE, TEACHER_FILE
+from ..demo import ASSETS_DIR, FEATURE_NET_FILE, LOG_FILE, LONG_TEACHER_FILE, STATS_FILE, TEACHER_FILE
 from .common import Scorer, environment, load_teacher, plot, write_json
-
-LONG_TEACHER_FILE = "mnist_teacher_long.pt"
 
 
 def add_arguments(p):
