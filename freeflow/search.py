@@ -161,8 +161,22 @@ def _parse_pairs(text):
     return out
 
 
+def run_teacher_path(student_path: str) -> str:
+    """The teacher a demo student was distilled from, as its run's ``config.json`` (beside the student) records
+    it; the demo preset's teacher for a student without one."""
+    from .demo import ASSETS_DIR, DEMO_TEACHER_FILE
+
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(student_path)), "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            path = json.load(f).get("teacher_path", "")
+        if path:
+            return path
+    return str(ASSETS_DIR / DEMO_TEACHER_FILE)
+
+
 def demo_table(student_path, *, samples=500, gw=2.0, settings=((8, 2), (8, 4), (16, 4)), method="heun", seed=0,
-               batch=250, log=print) -> dict:
+               batch=250, log=print, teacher_path: str = "") -> dict:
     """Search + teacher against the teacher alone at equal total NFE on the bundled MNIST demo.
 
     The teacher-alone step count is the largest whose NFE does not exceed the search's total (Heun: 2·(2S - 1) per
@@ -170,12 +184,11 @@ def demo_table(student_path, *, samples=500, gw=2.0, settings=((8, 2), (8, 4), (
     the bundled classifier on the intended classes (the same network is the verifier: accuracy flatters the search).
     """
     from . import solvers
-    from .demo import ASSETS_DIR, TEACHER_FILE
     from .demo.features import load_feature_net, mnist_fd
     from .models import FlowMapStudent, load_checkpoint
 
     torch.set_num_threads(1)
-    teacher_model = load_checkpoint(str(ASSETS_DIR / TEACHER_FILE), backend="reference").eval()
+    teacher_model = load_checkpoint(teacher_path or run_teacher_path(student_path), backend="reference").eval()
     teacher = TeacherAdapter(teacher_model, teacher_model.config.num_classes)
     student = FlowMapStudent(load_checkpoint(student_path, backend="reference").eval())
     net = load_feature_net()
@@ -241,12 +254,17 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("euler", "heun"), default="heun", help="teacher solver")
     p.add_argument("--seed", type=int, default=0, help="seed of the noises")
     p.add_argument("--json", default="", help="also write the table here")
+    p.add_argument("--teacher", default="", help="teacher checkpoint (default: the one the student's run distilled, "
+                                                   "from config.json beside --student)")
     a = p.parse_args(argv)
     if not os.path.isfile(a.student):
         print(f"python -m freeflow.search: error: --student {a.student!r} is not a file", file=sys.stderr)
         return 2
+    if a.teacher and not os.path.isfile(a.teacher):
+        print(f"python -m freeflow.search: error: --teacher {a.teacher!r} is not a file", file=sys.stderr)
+        return 2
     res = demo_table(a.student, samples=a.samples, gw=a.gw, settings=_parse_pairs(a.settings), method=a.method,
-                     seed=a.seed)
+                     seed=a.seed, teacher_path=a.teacher)
     print(f"\n{a.samples} samples, γ = {a.gw}, teacher {a.method}:")
     print("| sampler | NFE | FD | accuracy |\n|---|---|---|---|")
     for r in res["rows"]:

@@ -19,7 +19,7 @@ import torch
 
 from .checkpointing import CheckpointDir
 from .config import TrainConfig, config_dict, parse_args
-from .demo import ASSETS_DIR, TEACHER_FILE
+from .demo import ASSETS_DIR, DEMO_TEACHER_FILE
 from .distill import DistillConfig, Distiller, TeacherAdapter, add_lora, lora_parameters
 from .distributed import Processes, all_reduce_mean_, all_reduce_sum, init_processes
 from .ema import ema_update_
@@ -27,11 +27,28 @@ from .models import DiT, FlowMapStudent, GuidedVelocityNet, load_checkpoint, sav
 from .runlog import MetricsLog, progress
 from .viz import decode_latents, load_vae, plot_losses, save_grid
 
-BUNDLED_TEACHERS = {"mnist": str(ASSETS_DIR / TEACHER_FILE)}
+BUNDLED_TEACHERS = {"mnist": str(ASSETS_DIR / DEMO_TEACHER_FILE)}
+
+
+def teacher_path(cfg: TrainConfig) -> str:
+    """The teacher file a run distils: ``--teacher-ckpt``, else its preset's bundled teacher ("" if none)."""
+    return cfg.teacher_ckpt or BUNDLED_TEACHERS.get(cfg.preset, "")
+
+
+def idle_threads() -> int:
+    """CPU threads for ``--threads 0``: the cores the 1-minute load average leaves idle, at least 1.
+
+    Oversubscribed OpenMP workers spin instead of sleeping, so one thread too many costs far more than one too
+    few (docs/demo.md, Threads). Where OMP_NUM_THREADS is set (torchrun sets 1) torch already follows it."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
 
 
 def load_teacher(cfg: TrainConfig, device) -> DiT:
-    path = cfg.teacher_ckpt or BUNDLED_TEACHERS.get(cfg.preset, "")
+    path = teacher_path(cfg)
     if not path:
         raise ValueError(f"--preset {cfg.preset} has no bundled teacher: pass --teacher-ckpt PATH")
     if not os.path.isfile(path):
@@ -129,8 +146,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or idle_threads())
     torch.manual_seed(cfg.seed)  # model-side randomness (LoRA init); the training stream has its own generator
 
     teacher = load_teacher(cfg, device)
@@ -167,6 +183,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     if procs.main:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({**config_dict(cfg, dcfg), "world_size": procs.world, "device": str(device),
+                       "threads_used": torch.get_num_threads(), "teacher_path": teacher_path(cfg),
                        "teacher_family": teacher.family, "teacher_config": tcfg.to_dict()}, f, indent=2)
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step) if procs.main else None
     wandb_run = start_wandb(cfg, dcfg) if procs.main else None

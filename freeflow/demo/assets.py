@@ -109,8 +109,8 @@ def render_readme(out: Path) -> str:
                   f"The architecture and recipe of `{TEACHER_FILE}`, 14,400 steps instead of 3,600; best at "
                   "γ = 1.25, not 2. Written by `python -m freeflow.experiments teacher --install`; its training "
                   "record and FD table are in the repository's docs/experiments.md (\"A teacher worth "
-                  "distilling\") and docs/experiments/teacher.json. Distil it with `python -m freeflow.train "
-                  "--teacher-ckpt <this file> --gw-min 1 --gw-max 2 --eval-gw 1.25`.", ""]
+                  "distilling\") and docs/experiments/teacher.json. The `mnist` preset distils it "
+                  "(`python -m freeflow.train`, γ ∈ [1, 2], evaluated at 1.25).", ""]
     env = rec.get("environment")
     if env:
         lines += ["## Environment", "", f"torch {env['torch']}, numpy {env['numpy']}, Python {env['python']}, "

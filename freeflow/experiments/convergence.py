@@ -4,12 +4,14 @@ The run is the ``mnist`` demo preset with the paper's correction guidance interv
 the preset itself now uses [0, 1], see ``ablation``; batch 64, 1 thread) continued to ``--steps`` with a
 checkpoint every ``--ckpt-every`` steps; every ``--every``-th checkpoint's EMA student is scored on the fixed inputs of
 :class:`~freeflow.experiments.common.Scorer` (1,500 samples, γ = 2), the last one with precision, recall and
-class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far. ``--preset`` runs
-the preset as shipped instead (runs/convergence-preset, results ``convergence-preset.json`` / ``.png``): does
-the better interval at 1,000 steps also give a lower plateau? ``--set KEY=VALUE`` changes one training option
-on top (its own run folder and results, named after the change): the plateau probes. ``--set
-teacher_ckpt=PATH`` distils another teacher (named by its file stem); ``--gw`` scores student and teacher
-baselines at that teacher's own best guidance scale (the shipped teacher's is 2).
+class coverage too. ``--no-train`` scores what a (still running or stopped) run has so far. Every run distils
+``STUDY_SETUP`` (the first bundled teacher, γ ∈ [1.5, 2.5]) unless told otherwise. ``--preset`` uses the
+preset's correction interval [0, 1] instead (runs/convergence-preset, results ``convergence-preset.json`` /
+``.png``): does the better interval at 1,000 steps also give a lower plateau? ``--set KEY=VALUE`` changes one
+training option on top (its own run folder and results, named after the change): the plateau probes. ``--set
+teacher_ckpt=PATH`` distils another teacher (named by its file stem; with ``--set gw_min=1 --set gw_max=2`` and
+the long teacher it is the demo preset as shipped); ``--gw`` scores student and teacher baselines at that
+teacher's own best guidance scale (the first teacher's is 2).
 
 At the last checkpoint it also scores the raw weights and uniform averages of the raw and EMA weights over
 the last ``--windows`` steps: if averaging over a longer window beat the EMA, the curve would be limited by
@@ -47,10 +49,10 @@ def add_arguments(p):
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                    help="train (resume) before scoring (default: on)")
     p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=False,
-                   help="the mnist preset as shipped (correction guidance [0, 1]) instead of STUDY_BASE [0, 0.7]")
+                   help="the mnist preset's correction guidance [0, 1] instead of STUDY_BASE's [0, 0.7]")
     p.add_argument("--gw", type=float, default=2.0,
-                   help="guidance scale γ of every FD (student and teacher baselines; default: 2.0, the shipped "
-                        "teacher's best; a --set teacher_ckpt may want another)")
+                   help="guidance scale γ of every FD (student and teacher baselines; default: 2.0, the "
+                        "study teacher's best; a --set teacher_ckpt may want another)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change one training option (a python -m freeflow.train flag without its dashes, e.g. "
                         "delta_one_prob=1 or corr_guidance_interval=0,1); repeatable; the run and its results "

@@ -68,6 +68,11 @@ def test_train_run_keeps_every_checkpoint_and_does_not_retrain_a_finished_run(tm
     train_run(run, steps=2, ckpt_every=1, overrides={"batch_size": 8, "log_every": 1, "backend": "reference"})
     assert os.path.getmtime(ckpts[2]) == stamp
     assert run_seconds(run) > 0
+    with open(os.path.join(run, "config.json")) as f:
+        resolved = json.load(f)
+    # The study's teacher and γ range, not the demo preset's (which moved to the longer teacher since).
+    assert os.path.basename(resolved["teacher_path"]) == "mnist_teacher.pt"
+    assert (resolved["distill"]["gw_min"], resolved["distill"]["gw_max"]) == (1.5, 2.5)
     teacher = load_teacher()
     state = torch.load(ckpts[2], map_location="cpu", weights_only=True)
     student = student_at(teacher, ckpts[2])

@@ -164,3 +164,32 @@ def test_wandb_logs_the_config_and_every_metrics_row(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [c["step"] for c in calls[1:-1]] == [m["step"] for m in metrics] == [1, 2]
     assert calls[1]["pred_loss"] == metrics[0]["pred_loss"] and calls[-1] == {"finished": True}
+
+
+def test_the_mnist_preset_distils_the_long_teacher_and_evaluates_inside_its_guidance_range():
+    from freeflow.demo import ASSETS_DIR, LONG_TEACHER_FILE, TEACHER_FILE
+    from freeflow.models import load_checkpoint
+    from freeflow.train import load_teacher
+
+    tc, dc = parse_args([])
+    teacher = load_teacher(tc, torch.device("cpu"))
+    want = load_checkpoint(str(ASSETS_DIR / LONG_TEACHER_FILE)).state_dict()
+    first = load_checkpoint(str(ASSETS_DIR / TEACHER_FILE)).state_dict()
+    got = teacher.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], first[k]) for k in first)
+    # The student only learns γ in [gw_min, gw_max]: the demo must not score it outside.
+    assert dc.gw_min <= tc.eval_gw <= dc.gw_max
+
+
+@pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 1.0, 1), (2, 3.5, 1), (8, 2.6, 5), (4, 0.4, 4)])
+def test_threads_0_takes_the_cores_the_load_leaves_idle(monkeypatch, cores, load, want):
+    from freeflow import train
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (load, 0.0, 0.0), raising=False)
+    assert train.idle_threads() == want
+    # torchrun (and anyone else) setting OMP_NUM_THREADS decides instead: torch already follows it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train.idle_threads() == torch.get_num_threads()

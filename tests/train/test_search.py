@@ -113,3 +113,23 @@ def test_sample_mode_search_writes_the_searched_teacher_samples(tmp_path):
     got = np.load(out)["arr_0"].astype(int)
     assert np.abs(got - want.numpy().astype(int)).max() <= 1
     assert res.nfe == 4 + 2 * 2
+
+
+def test_the_demo_table_uses_the_teacher_the_student_was_distilled_from(tmp_path, capsys):
+    import json
+
+    from freeflow.demo import ASSETS_DIR, DEMO_TEACHER_FILE
+    from freeflow.search import main as search_main
+    from freeflow.search import run_teacher_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    student = run / "student_ema.pt"
+    # No config.json (a student copied elsewhere): the demo preset's teacher.
+    assert run_teacher_path(str(student)) == str(ASSETS_DIR / DEMO_TEACHER_FILE)
+    # A run's config.json (as python -m freeflow.train writes it): the teacher file it records.
+    (run / "config.json").write_text(json.dumps({"train": {"teacher_ckpt": ""}, "teacher_path": "/a/teacher.pt"}))
+    assert run_teacher_path(str(student)) == "/a/teacher.pt"
+    student.write_bytes(b"")
+    assert search_main(["--student", str(student), "--teacher", str(tmp_path / "missing.pt")]) == 2
+    assert "--teacher" in capsys.readouterr().err

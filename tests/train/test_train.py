@@ -69,6 +69,7 @@ def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     cfg = json.load(open(full / "config.json"))
     assert cfg["train"]["steps"] == 6 and cfg["distill"]["pred_fraction"] == 0.75
+    assert cfg["teacher_path"] == str(teacher_path)  # what freeflow.search reads to pair student and teacher
 
 
 def test_a_deeper_student_resumes_and_is_saved_with_its_depth(teacher_path, tmp_path):
