@@ -22,10 +22,21 @@ def _as_float64(name, a, ndim):
     return a
 
 
+def _psd_eigvals(w):
+    """Eigenvalues of a PSD matrix with the round-off ones set to 0.
+
+    Below ``d·ε·max(w)`` (numpy's ``matrix_rank`` tolerance) an eigenvalue is round-off of either sign. Its square
+    root would not be: ~1e-8 for 1e-16, added once per null direction of a singular Σ, enough to make the distance
+    depend on the argument order and on the BLAS build in the 8th digit."""
+    w = np.asarray(w)
+    tol = w.shape[0] * np.finfo(np.float64).eps * max(float(w.max()), 0.0)
+    return np.where(w > tol, w, 0.0)
+
+
 def _psd_sqrt(sigma):
-    """Symmetric square root of a (numerically) PSD matrix; round-off negative eigenvalues → 0."""
+    """Symmetric square root of a (numerically) PSD matrix; round-off eigenvalues → 0."""
     w, q = np.linalg.eigh(0.5 * (sigma + sigma.T))
-    return (q * np.sqrt(np.clip(w, 0.0, None))) @ q.T
+    return (q * np.sqrt(_psd_eigvals(w))) @ q.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -46,7 +57,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh(0.5 * (middle + middle.T))
-    trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    trace_sqrt = np.sqrt(_psd_eigvals(eig)).sum()
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
     # Round-off can push identical distributions a hair below zero.

@@ -42,6 +42,15 @@ def test_fd_diagonal_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_fd_of_singular_covariances_has_no_round_off_square_roots():
+    # Σ₂ = 4·Σ₁ with Σ₁ of rank 3 in 16-d: FD = tr Σ₁·(1 - √4)² = tr Σ₁ exactly. The 13 null directions leave
+    # round-off eigenvalues ~1e-16 whose square roots (~1e-8) must not reach the result.
+    s = _spd(16, 3, seed=3)
+    mu = np.zeros(16)
+    assert frechet_distance(mu, s, mu, 4 * s) == pytest.approx(np.trace(s), rel=1e-12)
+    assert frechet_distance(mu, 4 * s, mu, s) == pytest.approx(np.trace(s), rel=1e-12)
+
+
 @pytest.mark.parametrize("rank", [None, 3])
 def test_fd_matches_independent_formula(rank):
     rng = np.random.default_rng(2)
