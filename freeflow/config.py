@@ -54,9 +54,11 @@ class TrainConfig:
     seed: int = 0
     """Seed of the training stream (noises, classes, γ, δ) and of the grid."""
     precision: str = "auto"
-    """"auto" (bf16 autocast for the teacher on CUDA, fp32 on CPU), "fp32" or "bf16"."""
+    """Autocast of every network (student with its tangent, aux, teacher): "auto" (bf16 on CUDA, fp32 on CPU),
+    "bf16" (also on CPU, through CPU autocast) or "fp32". Master weights, optimizer state, EMA and the loss
+    reductions are fp32 in every mode."""
     tf32: bool = True
-    """Allow TF32 matmuls on CUDA."""
+    """TF32 for fp32 matmuls and convolutions on CUDA (--no-tf32 turns both off)."""
     threads: int = 0
     """CPU threads per process (torch.set_num_threads). 0: the cores the 1-minute load average leaves idle, at
     least 1 (torch's default where OMP_NUM_THREADS is set, as torchrun does)."""

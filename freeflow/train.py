@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -123,7 +124,7 @@ def write_grid(path, teacher_x, student_x, nrow, vae=None):
 
 
 def step_losses(distiller: Distiller, cfg: TrainConfig, generator, shard, reduce, step: int,
-                ckpts: CheckpointDir) -> dict:
+                ckpts: CheckpointDir | None) -> dict:
     """The step's losses; a non-finite one stops the run before the update, naming the last good checkpoint."""
     try:
         out = distiller.losses(cfg.batch_size, generator, shard=shard, reduce=reduce)
@@ -132,10 +133,89 @@ def step_losses(distiller: Distiller, cfg: TrainConfig, generator, shard, reduce
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} ({terms})")
     except FloatingPointError as e:
-        last = ckpts.list()
+        last = ckpts.list() if ckpts is not None else []
         raise FloatingPointError(f"{e} at step {step}; stopped before the update. "
                                  f"Last good checkpoint: {last[-1] if last else 'none'}") from e
     return out
+
+
+def network_autocast(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of every network (student with its tangent, aux, teacher): bf16 for ``--precision bf16``
+    and for ``auto`` on CUDA; None (fp32) otherwise. Master weights, optimizer state, EMA and the loss reductions
+    are fp32 either way."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def set_matmul_precision(cfg: TrainConfig, device: torch.device):
+    """``--tf32`` / ``--no-tf32``: TF32 for fp32 matmuls and convolutions on CUDA, both switches together."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+@dataclass
+class Parts:
+    """Everything a training step touches, built by :func:`build_parts` (the trainer, benchmarks/bench_step.py)."""
+
+    teacher: torch.nn.Module
+    adapter: TeacherAdapter
+    student: torch.nn.Module
+    ema: torch.nn.Module
+    aux: torch.nn.Module
+    student_params: list
+    aux_params: list
+    opt: torch.optim.Optimizer
+    aux_opt: torch.optim.Optimizer
+    distiller: Distiller
+    generator: torch.Generator
+
+
+def build_parts(cfg: TrainConfig, dcfg: DistillConfig, teacher: DiT, device, *, networks=None) -> Parts:
+    """Student (from the teacher), EMA, aux, both AdamW optimizers, the distiller and the training generator.
+
+    ``networks(student, aux, teacher) -> (student, aux, teacher)`` may swap the networks for other
+    implementations with the same parameters before the optimizers are made (benchmarks' plain-PyTorch
+    baseline); the trainer passes none."""
+    tcfg = teacher.config
+    shape = (tcfg.in_channels, *(tcfg.grid[i] * tcfg.patch_size for i in range(2)))
+    student = FlowMapStudent.from_teacher(teacher, cfg.student_extra_depth).to(device).train()
+    aux, aux_params = build_aux(cfg, teacher)
+    aux = aux.to(device).train()
+    if networks is not None:
+        student, aux, teacher = networks(student, aux, teacher)
+        aux_params = [p for p in aux.parameters() if p.requires_grad]
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    dtype = network_autocast(cfg, device)
+    adapter = TeacherAdapter(teacher, tcfg.num_classes, autocast_dtype=dtype)
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(student_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    aux_opt = torch.optim.AdamW(aux_params, lr=cfg.aux_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    distiller = Distiller(student, adapter, aux, dcfg, sample_shape=shape, num_classes=tcfg.num_classes,
+                          autocast_dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # identical on every rank (sharded draws)
+    return Parts(teacher, adapter, student, ema, aux, student_params, aux_params, opt, aux_opt, distiller, generator)
+
+
+def train_step(parts: Parts, cfg: TrainConfig, step: int, *, world: int = 1, shard=None, reduce=None,
+               ckpts: CheckpointDir | None = None) -> tuple[dict, torch.Tensor]:
+    """One optimizer step of the student and the aux network (losses → backward → all-reduce → clip → step →
+    EMA); returns the loss terms and metrics of :meth:`Distiller.losses` and the student's gradient norm."""
+    parts.opt.zero_grad(set_to_none=True)
+    parts.aux_opt.zero_grad(set_to_none=True)
+    out = step_losses(parts.distiller, cfg, parts.generator, shard, reduce, step, ckpts)
+    out["student"].backward()
+    if out["aux"] is not None:
+        out["aux"].backward()
+    all_reduce_mean_([p.grad for p in parts.student_params if p.grad is not None], world)
+    all_reduce_mean_([p.grad for p in parts.aux_params if p.grad is not None], world)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(parts.student_params, cfg.grad_clip) if cfg.grad_clip > 0
+                 else torch.zeros(()))
+    parts.opt.step()
+    parts.aux_opt.step()
+    ema_update_(parts.ema, parts.student, cfg.ema_decay)
+    return out, grad_norm
 
 
 def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
@@ -143,9 +223,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     device = procs.device
     if cfg.batch_size % procs.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {procs.world}")
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_matmul_precision(cfg, device)
     torch.set_num_threads(cfg.threads or idle_threads())
     torch.manual_seed(cfg.seed)  # model-side randomness (LoRA init); the training stream has its own generator
 
@@ -153,17 +231,9 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     tcfg = teacher.config
     num_classes = tcfg.num_classes
     shape = (tcfg.in_channels, *(tcfg.grid[i] * tcfg.patch_size for i in range(2)))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    adapter = TeacherAdapter(teacher, num_classes, autocast_dtype=torch.bfloat16 if bf16 else None)
-    student = FlowMapStudent.from_teacher(teacher, cfg.student_extra_depth).to(device).train()
-    ema = copy.deepcopy(student).eval().requires_grad_(False)
-    aux, aux_params = build_aux(cfg, teacher)
-    aux = aux.to(device).train()
-    student_params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(student_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    aux_opt = torch.optim.AdamW(aux_params, lr=cfg.aux_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    distiller = Distiller(student, adapter, aux, dcfg, sample_shape=shape, num_classes=num_classes)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # identical on every rank (sharded draws)
+    parts = build_parts(cfg, dcfg, teacher, device)
+    student, ema, aux, adapter = parts.student, parts.ema, parts.aux, parts.adapter
+    opt, aux_opt, generator = parts.opt, parts.aux_opt, parts.generator
 
     step = 0
     ckpts = CheckpointDir(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
@@ -197,19 +267,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     bar = progress(cfg.steps, step, procs.main)
     t_last, steps_since = time.time(), 0
     while step < cfg.steps:
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        out = step_losses(distiller, cfg, generator, shard, reduce, step + 1, ckpts)
-        out["student"].backward()
-        if out["aux"] is not None:
-            out["aux"].backward()
-        all_reduce_mean_([p.grad for p in student_params if p.grad is not None], procs.world)
-        all_reduce_mean_([p.grad for p in aux_params if p.grad is not None], procs.world)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.zeros(()))
-        opt.step()
-        aux_opt.step()
-        ema_update_(ema, student, cfg.ema_decay)
+        out, grad_norm = train_step(parts, cfg, step + 1, world=procs.world, shard=shard, reduce=reduce,
+                                    ckpts=ckpts)
         step += 1
         steps_since += 1
         bar.update(1)
@@ -227,7 +286,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
         if procs.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # before the grid: never waits on it
             ckpts.save(step, {
                 "step": step, "student": student.state_dict(), "ema": ema.state_dict(),
-                "aux": trainable_state(aux, aux_params), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
+                "aux": trainable_state(aux, parts.aux_params), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "config": config_dict(cfg, dcfg)})
         if procs.main and (step % cfg.sample_every == 0 or step == cfg.steps):

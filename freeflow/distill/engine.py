@@ -17,6 +17,7 @@ optimizers, the gradient all-reduce, clipping and EMA. One-step sampling is
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 
@@ -57,7 +58,8 @@ class DistillConfig:
     """α of the balance λ = α·E‖Δ‖/(E‖Δ_c‖ + balance_eps)."""
     balance_eps: float = 1e-6
     tangent: str = "jvp"
-    """How ∂F/∂δ is computed: "jvp" (forward mode) or "finite_difference"."""
+    """How ∂F/∂δ is computed: "jvp" (the student's explicit-tangent forward), "func_jvp" (torch.func.jvp through
+    its plain forward: forward-mode AD, the plain-PyTorch way) or "finite_difference"."""
     fd_step: float = 1e-3
     """Step of the finite difference (raise it for bf16 students)."""
 
@@ -104,9 +106,14 @@ class Distiller:
     :class:`~freeflow.distill.TeacherAdapter` or anything it wraps; ``aux(x, t, y, gw) -> velocity``
     (may be None when ``config.pred_fraction == 1``); ``sample_shape`` the shape of one sample
     (e.g. ``(4, 32, 32)``); ``num_classes`` also the null class id.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the student (its forward and its tangent) and the aux
+    network under autocast; their outputs come back in the parameters' dtype, so the targets, the adaptive
+    weights, λ and every loss reduction stay in fp32 with fp32 master weights (the teacher has its own
+    setting, ``TeacherAdapter(autocast_dtype=...)``).
     """
 
-    def __init__(self, student, teacher, aux, config=None, *, sample_shape, num_classes):
+    def __init__(self, student, teacher, aux, config=None, *, sample_shape, num_classes, autocast_dtype=None):
         self.config = config if config is not None else DistillConfig()
         if not isinstance(self.config, DistillConfig):
             raise ValueError(f"config must be a DistillConfig, got {type(self.config).__name__}")
@@ -121,6 +128,17 @@ class Distiller:
         param = next(student.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.float32
+        self.autocast_dtype = autocast_dtype
+
+    def _networks(self):
+        """Autocast for the student and aux forwards (a no-op without ``autocast_dtype``)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _master(self, *outputs):
+        """Network outputs in the master dtype: the loss math runs in fp32 whatever autocast computed in."""
+        return tuple(None if t is None else t.to(self.dtype) for t in outputs)
 
     # -- random draws (all from `generator`, in a fixed order, so runs replay exactly)
 
@@ -189,8 +207,10 @@ class Distiller:
         if n_pred == 0:
             return self._correction_only(n_corr, rows[1], generator, reduce)
         z, y, gw, delta = (t[rows[0]] for t in self._draw_prediction(n_pred, generator))
-        F, F_dot = obj.student_and_tangent(self.student, z, delta, y, gw, method=c.tangent,
-                                           fd_step=c.fd_step)
+        with self._networks():
+            F, F_dot = obj.student_and_tangent(self.student, z, delta, y, gw, method=c.tangent,
+                                               fd_step=c.fd_step)
+        F, F_dot = self._master(F, F_dot)
         x_hat, G = obj.prediction_targets(F, F_dot, z, delta)
         if n_corr == 0:
             u = self.teacher.guided_velocity(x_hat, 1.0 - delta, y, gw, *c.pred_guidance_interval)
@@ -199,7 +219,7 @@ class Distiller:
 
         F1, x1, x_r, r, yc, gwc, noise = self._correction_inputs(n_corr, rows[1], generator)
         u, u_c = self._teacher_targets(x_hat, delta, y, gw, x_r, r, yc, gwc)
-        g = self.aux(x_r, r, yc, gwc)
+        g = self._aux(x_r, r, yc, gwc)
 
         pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
         lam = obj.balance_weight(G - u, g.detach() - u_c, alpha=c.alpha, eps=c.balance_eps, reduce=reduce)
@@ -214,16 +234,24 @@ class Distiller:
     def _correction_inputs(self, n_corr, rows, generator):
         """``F₁ = F_θ(z', 1)`` (with grad), ``x₁``, ``x_r`` and the draws of the correction rows."""
         zc, yc, gwc, r, noise = (t[rows] for t in self._draw_correction(n_corr, generator))
-        F1 = self.student(zc, torch.ones_like(r), yc, gwc)
+        with self._networks():
+            F1 = self.student(zc, torch.ones_like(r), yc, gwc)
+        F1, = self._master(F1)
         x1 = zc - F1
         return F1, x1, obj.noised(x1, noise, r), r, yc, gwc, noise
+
+    def _aux(self, x_r, r, y, gw):
+        """``g_ψ(x_r, r, y, γ)`` (with grad, for the aux loss), under the networks' autocast."""
+        with self._networks():
+            g = self.aux(x_r, r, y, gw)
+        return self._master(g)[0]
 
     def _correction_only(self, n_corr, rows, generator, reduce):
         """``pred_fraction = 0`` (ablation): the correction alone, scaled by the fixed λ = α."""
         c = self.config
         F1, x1, x_r, r, yc, gwc, noise = self._correction_inputs(n_corr, rows, generator)
         u_c = self.teacher.guided_velocity(x_r, r, yc, gwc, *c.corr_guidance_interval)
-        g = self.aux(x_r, r, yc, gwc)
+        g = self._aux(x_r, r, yc, gwc)
         corr_loss, corr_msq = obj.correction_loss(F1, g.detach(), u_c, scale=c.alpha)
         aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
         zero = corr_loss.detach().new_zeros(())

@@ -24,7 +24,7 @@ from ..conventions import flow_map, rows
 from ..losses import velocity_alignment_loss
 
 DELTA_DISTRIBUTIONS = ("uniform", "logit_normal")
-TANGENT_METHODS = ("jvp", "finite_difference")
+TANGENT_METHODS = ("jvp", "func_jvp", "finite_difference")
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -59,12 +59,13 @@ def student_and_tangent(student, z, delta, y, gw, *, method="jvp", fd_step=1e-3)
     """``(F, Ḟ)`` with ``F = F_θ(z, δ)`` differentiable and ``Ḟ = ∂F/∂δ`` detached.
 
     ``jvp`` uses ``student.forward_jvp(..., tdelta=1)`` when the student has it, otherwise
-    ``torch.func.jvp`` over δ. ``finite_difference`` adds a central difference of step ``fd_step``
-    under ``no_grad`` (one-sided where ``δ ± fd_step`` leaves [0, 1]).
+    ``torch.func.jvp`` over δ; ``func_jvp`` always takes ``torch.func.jvp`` through ``forward`` (forward-mode
+    AD: what plain PyTorch code does, the baseline of ``benchmarks/bench_step.py``). ``finite_difference``
+    adds a central difference of step ``fd_step`` under ``no_grad`` (one-sided where ``δ ± fd_step`` leaves [0, 1]).
     """
-    if method == "jvp":
+    if method in ("jvp", "func_jvp"):
         ones = torch.ones_like(delta)
-        if hasattr(student, "forward_jvp"):
+        if method == "jvp" and hasattr(student, "forward_jvp"):
             F, F_dot = student.forward_jvp(z, delta, y, gw, tdelta=ones)
         else:
             F, F_dot = torch.func.jvp(lambda d: student(z, d, y, gw), (delta,), (ones,))

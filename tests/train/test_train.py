@@ -57,11 +57,13 @@ def _student(out):
     return load_checkpoint(os.path.join(out, "student_ema.pt"), backend="reference").state_dict()
 
 
-def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision):
+    """Also under bf16 autocast (CPU autocast here): the checkpoint holds fp32 master state, so it replays."""
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(*_args(teacher_path, full, 6))
-    _train(*_args(teacher_path, split, 3))
-    _train(*_args(teacher_path, split, 6))
+    _train(*_args(teacher_path, full, 6, precision=precision))
+    _train(*_args(teacher_path, split, 3, precision=precision))
+    _train(*_args(teacher_path, split, 6, precision=precision))
     a, b = _metrics(full), _metrics(split)
     assert sorted(b) == list(range(1, 7))
     assert _losses(a, range(1, 7)) == _losses(b, range(1, 7))  # bit-exact on the CPU
@@ -69,6 +71,7 @@ def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     cfg = json.load(open(full / "config.json"))
     assert cfg["train"]["steps"] == 6 and cfg["distill"]["pred_fraction"] == 0.75
+    assert cfg["train"]["precision"] == precision
     assert cfg["teacher_path"] == str(teacher_path)  # what freeflow.search reads to pair student and teacher
 
 
