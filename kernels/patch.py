@@ -110,7 +110,10 @@ def _attention_forward(self, x):
 
 def _mlp_forward(self, x):
     """timm Mlp with fc1's bias folded into the GELU kernel."""
-    h = F.linear(x, self.fc1.weight)
+    # An adapted fc1 (LoRA: frozen base + low-rank update, duck-typed by `linear_jvp`) runs its own
+    # bias-free GEMMs; reading its weights would mean building the merged matrix every call.
+    own = getattr(self.fc1, "linear_jvp", None)
+    h = own(x, None, bias=False)[0] if own is not None else F.linear(x, self.fc1.weight)
     h = bias_gelu(h, self.fc1.bias, backend=self.freeflow_backend)
     # Identities in DiT (p = 0, no norm), applied for fidelity: timm >= 0.6 names them drop1 / norm /
     # drop2, older timm has one `drop` used twice.

@@ -1,9 +1,20 @@
 """LoRA adapters for the auxiliary network ``g_ψ`` (docs/design.md §3: "full copy, or LoRA for memory").
 
 ``add_lora(module, rank)`` swaps the chosen ``nn.Linear`` layers for :class:`LoRALinear`
-(``W x + b + (α/r)·B A x`` with the base frozen, ``A`` Kaiming-uniform and ``B = 0``), so the adapted
+(``x Wᵀ + b + (α/r)·(x Aᵀ) Bᵀ`` with the base frozen, ``A`` Kaiming-uniform and ``B = 0``), so the adapted
 network starts exactly equal to the original: ``g_ψ`` begins as the teacher. Only ``A`` and ``B``
 need optimizer state and gradients, which is where the memory of a full copy goes.
+
+The update stays factored in every path: ``B A`` (a full ``out × in`` matrix) is never formed, and
+neither is its gradient. Model code that fuses a Linear with what follows (``freeflow.models``' DiT,
+``freeflow.kernels.patch_dit``'s MLP) does not read ``layer.weight``; it calls the duck-typed
+
+    layer.linear_jvp(x, tx, bias=True, op=None) -> (y, ẏ)
+
+where ``op`` is the caller's ``linear_jvp(x, tx, weight, bias)`` (the kernels' dual GEMM, which also
+applies autocast's casts); ``None`` uses plain ``F.linear``. This module imports neither the kernels nor
+the models: they pass ``op`` in. ``LoRALinear`` has no ``weight``, so code that still reads one fails
+instead of silently building the merged matrix.
 """
 from __future__ import annotations
 
@@ -14,8 +25,17 @@ import torch.nn.functional as Fn
 from torch import nn
 
 
+def _linear_jvp(x, tx, weight, bias=None):
+    """(x Wᵀ + b, ẋ Wᵀ) with plain torch ops (autocast applies to both GEMMs); the tangent is detached."""
+    y = Fn.linear(x, weight, bias)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        return y, Fn.linear(tx, weight)
+
+
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update ``(α/r)·B A``."""
+    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update ``(α/r)·B A``, applied as two thin GEMMs."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
@@ -39,18 +59,31 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     @property
-    def weight(self):
-        """The merged weight, for model code that reads ``linear.weight`` directly (fused kernels)."""
-        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
-
-    @property
     def bias(self):
+        """The base's bias, for callers that apply it inside a fused op (``linear_jvp(..., bias=False)``)."""
         return self.base.bias
 
+    def linear_jvp(self, x, tx=None, *, bias: bool = True, op=None):
+        """``(x Wᵀ [+ b] + s·(x Aᵀ) Bᵀ, ẋ Wᵀ + s·(ẋ Aᵀ) Bᵀ)``, s = α/r; ``tx=None`` → tangent None.
+
+        ``op(x, tx, weight, bias) -> (y, ẏ)`` runs each GEMM (default: ``F.linear``); the primal is
+        differentiable w.r.t. ``x``, ``A`` and ``B`` and the base gets no gradient (it is frozen), so
+        backward makes only ``r × in`` and ``out × r`` weight gradients.
+        """
+        op = _linear_jvp if op is None else op
+        y, ty = op(x, tx, self.base.weight, self.base.bias if bias else None)
+        a, ta = op(x, tx, self.lora_A, None)
+        if self.scaling != 1:  # on the rank-r activation: r columns to scale instead of out_features
+            a = a * self.scaling
+            ta = None if ta is None else ta * self.scaling
+        u, tu = op(a, ta, self.lora_B, None)
+        return y + u, (None if ty is None else ty + tu)
+
     def forward(self, x):
-        # Low-rank path kept factored: two thin GEMMs instead of materialising B A.
-        update = Fn.linear(Fn.linear(x, self.lora_A), self.lora_B)
-        return self.base(x) + self.scaling * update
+        return self.linear_jvp(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
 
 
 def _selected(name, targets):

@@ -101,6 +101,18 @@ def config_from_name(name: str, **overrides) -> DiTConfig:
     return DiTConfig(**{**CONFIGS[key], **overrides})
 
 
+def _linear_jvp(layer, x, tx, bias=True):
+    """``layer`` (a Linear) on ``x`` and its tangent → ``(y, ẏ)``; ``bias=False`` leaves the bias to a fused op.
+
+    A layer that is not one plain weight (``freeflow.distill``'s LoRA: frozen base + low-rank update)
+    brings its own ``linear_jvp`` and runs it on the same GEMM op, so nothing merges its weights here.
+    """
+    own = getattr(layer, "linear_jvp", None)
+    if own is not None:
+        return own(x, tx, bias=bias, op=K.linear_jvp)
+    return K.linear_jvp(x, tx, layer.weight, layer.bias if bias else None)
+
+
 # ---------------------------------------------------------------------------------------------
 #                             Embedding layers (official key names)
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +133,11 @@ class TimestepEmbedder(nn.Module):
     def forward_jvp(self, t, tt):
         e, te = K.timestep_embedding_jvp(t, tt, self.frequency_embedding_size)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        h, th = K.linear_jvp(e.to(fc1.weight.dtype), te, fc1.weight, fc1.bias)
+        # The sinusoid is fp32; the GEMM takes the layer's dtype (read from its parameters: an adapted fc1
+        # has no single `weight`).
+        h, th = _linear_jvp(fc1, e.to(next(fc1.parameters()).dtype), te)
         h, th = K.silu_jvp(h, th)
-        return K.linear_jvp(h, th, fc2.weight, fc2.bias)
+        return _linear_jvp(fc2, h, th)
 
 
 class LabelEmbedder(nn.Module):
@@ -205,7 +219,7 @@ class Attention(nn.Module):
 
     def forward_jvp(self, x, tx, backend=None):
         n, s, d = x.shape
-        qkv, tqkv = K.linear_jvp(x, tx, self.qkv.weight, self.qkv.bias)
+        qkv, tqkv = _linear_jvp(self.qkv, x, tx)
         q, k, v = self._heads(qkv)
         tq, tk, tv = self._heads(tqkv) if tqkv is not None else (None, None, None)
         q, tq = self._norm(self.q_norm, q, tq)
@@ -216,7 +230,7 @@ class Attention(nn.Module):
             o, to = K.attention_jvp(q, k, v, tq, tk, tv, backend=backend)
         o = o.transpose(1, 2).reshape(n, s, d)
         to = None if to is None else to.transpose(1, 2).reshape(n, s, d)
-        return K.linear_jvp(o, to, self.proj.weight, self.proj.bias)
+        return _linear_jvp(self.proj, o, to)
 
 
 class Mlp(nn.Module):
@@ -231,12 +245,12 @@ class Mlp(nn.Module):
         return self.forward_jvp(x, None, backend)[0]
 
     def forward_jvp(self, x, tx, backend=None):
-        h, th = K.linear_jvp(x, tx, self.fc1.weight, None)
+        h, th = _linear_jvp(self.fc1, x, tx, bias=False)
         if th is None:
             h = K.bias_gelu(h, self.fc1.bias, backend=backend)
         else:
             h, th = K.bias_gelu_jvp(h, self.fc1.bias, th, backend=backend)
-        return K.linear_jvp(h, th, self.fc2.weight, self.fc2.bias)
+        return _linear_jvp(self.fc2, h, th)
 
 
 class DiTBlock(nn.Module):
@@ -404,9 +418,8 @@ class DiT(nn.Module):
     def _trunk(self, h, th, c, tc):
         """All blocks and the final layer, each residual seam fused with the next LayerNorm + modulate."""
         be = self.backend
-        mods = [K.linear_jvp(c, tc, b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias) for b in self.blocks]
-        fl = self.final_layer.adaLN_modulation[1]
-        final_mod, tfinal_mod = K.linear_jvp(c, tc, fl.weight, fl.bias)
+        mods = [_linear_jvp(b.adaLN_modulation[1], c, tc) for b in self.blocks]
+        final_mod, tfinal_mod = _linear_jvp(self.final_layer.adaLN_modulation[1], c, tc)
         x, tx = h, th
         shift, scale = mods[0][0].chunk(6, dim=1)[:2]
         tshift, tscale = _chunks(mods[0][1], 6)[:2]
@@ -421,8 +434,7 @@ class DiT(nn.Module):
             else:
                 nxt, tnxt = final_mod.chunk(2, dim=1), _chunks(tfinal_mod, 2)
             x, y, tx, ty = self._seam(x, tx, m[5], f, tm[5], tf, nxt[0], nxt[1], tnxt[0], tnxt[1])
-        lin = self.final_layer.linear
-        return K.linear_jvp(y, ty, lin.weight, lin.bias)
+        return _linear_jvp(self.final_layer.linear, y, ty)
 
     def _modulate(self, x, tx, shift, scale, tshift, tscale):
         if tx is None and tshift is None and tscale is None:

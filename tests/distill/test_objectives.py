@@ -15,11 +15,9 @@ from freeflow.distill import (
     DistillConfig,
     Distiller,
     TeacherAdapter,
-    add_lora,
     aux_flow_matching_loss,
     balance_weight,
     correction_loss,
-    lora_parameters,
     noised,
     prediction_loss,
     prediction_targets,
@@ -370,32 +368,3 @@ def test_bad_config_values_raise_naming_the_field(field, value):
 def test_batch_too_small_for_split_raises():
     with pytest.raises(ValueError, match="batch_size"):
         _distiller().losses(1)
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-def test_lora_starts_at_base_and_matches_explicit_low_rank_update():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    x = torch.randn(5, 4)
-    before = net(x).detach()
-    W0, b0 = net[0].weight.detach().clone(), net[0].bias.detach().clone()
-    add_lora(net, rank=2, alpha=4.0, targets=["0"])
-    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
-    params = lora_parameters(net)
-    assert [tuple(p.shape) for p in params] == [(2, 4), (6, 2)]
-    assert [p for p in net.parameters() if p.requires_grad] == params
-    with torch.no_grad():
-        params[1].normal_()
-    A, Bm = params
-    W = W0 + (4.0 / 2) * Bm @ A
-    expected = torch.tanh(x @ W.T + b0) @ net[2].weight.T + net[2].bias
-    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(net[0].weight, W, rtol=1e-12, atol=1e-12)
-
-
-def test_lora_rejects_targets_matching_nothing():
-    with pytest.raises(ValueError, match="targets"):
-        add_lora(nn.Sequential(nn.Linear(2, 2)), rank=1, targets=["attn"])
-    with pytest.raises(ValueError, match="rank"):
-        add_lora(nn.Sequential(nn.Linear(2, 2)), rank=0)
