@@ -1,6 +1,7 @@
 """GPU self-test: every kernel against its reference at DiT-B/2 and DiT-XL/2 shapes, with timings.
 
     python -m freeflow.kernels.selftest            # exit 0: all within tolerance; 1: a mismatch; 2: no CUDA
+    python -m freeflow.kernels.selftest --json selftest.json    # the same table as JSON too
 
 For DiT-B/2 (hidden 768, 12 heads of 64) and DiT-XL/2 (hidden 1152, 16 heads of 72), 256 tokens, in bf16
 and fp32, each Triton op (primal, fused tangent, backward) is compared with its PyTorch reference computed
@@ -11,6 +12,7 @@ for everything else. Works with Triton 3.2 and later (it uses only the ops and `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -103,16 +105,30 @@ def _cases(hidden, heads, dtype, batch, tokens):
     return [("attention", attention), ("adaLN seam", modulate_seam), ("bias-GELU", bias_gelu)]
 
 
+def _write_json(path, report) -> None:
+    """The report so far (rewritten after every row, so a run stopped halfway leaves what it measured)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m freeflow.kernels.selftest", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write every row (errors per output, timings) to this JSON file")
     args = p.parse_args(argv)
+    report = {"status": "running", "batch": args.batch, "tokens": args.tokens, "torch": torch.__version__,
+              "rows": [], "failed": 0}
     if not torch.cuda.is_available():
         print("freeflow.kernels.selftest: no CUDA device visible; the self-test runs the compiled kernels on a GPU "
               "(the CPU test-suite proves them in the Triton interpreter).")
+        report["status"] = "no_cuda"
+        _write_json(args.json, report)
         return 2
     import triton
+    report.update(device=torch.cuda.get_device_name(), triton=triton.__version__)
     print(f"freeflow.kernels self-test on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}; batch {args.batch}, {args.tokens} tokens")
     head = f"{'model':<9} {'dtype':<5} {'op':<11} {'worst error (of)':<28} {'tol':>6} {'ok':<4} timings (ms)"
@@ -121,11 +137,15 @@ def main(argv=None) -> int:
     for model, (hidden, heads) in MODELS.items():
         for dtype in (torch.bfloat16, torch.float32):
             for op, check in _cases(hidden, heads, dtype, args.batch, args.tokens):
+                row = {"model": model, "dtype": str(dtype)[6:], "op": op, "tol": TOL[dtype]}
                 try:
                     rows, times = check()
                 except Exception as e:  # a kernel that fails to compile or launch is a failure too
                     print(f"{model:<9} {str(dtype)[6:]:<5} {op:<11} ERROR {type(e).__name__}: {e}"[:200])
                     failed += 1
+                    report["rows"].append({**row, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
+                    report["failed"] = failed
+                    _write_json(args.json, report)
                     continue
                 what, err = max(rows, key=lambda r: r[1])
                 ok = all(e <= TOL[dtype] for _, e in rows)
@@ -133,7 +153,15 @@ def main(argv=None) -> int:
                 t = "; ".join(f"{w} {ms:.3f} vs {base} {bms:.3f} ({bms / ms:.1f}×)" for w, ms, base, bms in times)
                 print(f"{model:<9} {str(dtype)[6:]:<5} {op:<11} {f'{err:.1e} ({what})':<28} {TOL[dtype]:>6.0e} "
                       f"{'yes' if ok else 'NO':<4} {t}")
+                report["rows"].append({
+                    **row, "ok": ok, "worst": {"what": what, "error": err}, "errors": dict(rows),
+                    "times": [{"what": w, "ms": ms, "baseline": base, "baseline_ms": bms, "speedup": bms / ms}
+                              for w, ms, base, bms in times]})
+                report["failed"] = failed
+                _write_json(args.json, report)
     print(f"\n{'FAIL: ' + str(failed) + ' op(s) outside tolerance' if failed else 'all kernels within tolerance'}")
+    report.update(failed=failed, status="fail" if failed else "ok")
+    _write_json(args.json, report)
     return 1 if failed else 0
 
 
