@@ -31,13 +31,18 @@ first. Autograd: ``AttentionFunction`` (its ``jvp`` rule launches the tangent va
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch._C._functorch import is_functorch_wrapped_tensor
 
-from ._dispatch import autocast_inputs, use_triton
+from ._dispatch import autocast_inputs, check_backend, use_triton
 from ._launch import LOG2E, dot_settings, interpreting, kernel_rule, next_power_of_2, saved, smem_budget, tl, triton
 from ._validate import accumulation_dtype, check_tangents, check_tensor, detached
 
@@ -562,8 +567,204 @@ def attention_backward(do, q, k, v, o, lse, scale):
 
 
 # ----------------------------------------------------------------------------------------------
+# Settings: which implementation runs where (read from the environment once, not per call)
+# ----------------------------------------------------------------------------------------------
+
+PRIMAL_IMPLS = ("sdpa", "flash_attn", "triton")
+BACKWARD_IMPLS = ("sdpa", "flash_attn", "triton")
+TANGENT_IMPLS = ("auto", "triton")
+# setting: (environment variable, its values, the value when unset; None = by device, see backward_impl)
+_ENV = {"primal": ("FREEFLOW_ATTENTION", PRIMAL_IMPLS, "sdpa"),
+        "backward": ("FREEFLOW_ATTENTION_BWD", BACKWARD_IMPLS, None),
+        "tangent": ("FREEFLOW_ATTENTION_JVP", TANGENT_IMPLS, "auto")}
+_SETTINGS: dict = {}
+
+
+def _choice(key: str, value):
+    name, choices, default = _ENV[key]
+    value = (value or "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def settings() -> dict:
+    """{"primal", "backward", "tangent"}: ``FREEFLOW_ATTENTION``, ``FREEFLOW_ATTENTION_BWD`` and
+    ``FREEFLOW_ATTENTION_JVP``, read on first use and cached — dispatch runs on every attention call, and these
+    are process settings. ``refresh_settings()`` reads them again; ``use_settings`` overrides them for a block."""
+    if not _SETTINGS:
+        _SETTINGS.update({key: _choice(key, os.environ.get(spec[0])) for key, spec in _ENV.items()})
+    return _SETTINGS
+
+
+def refresh_settings() -> dict:
+    """Read the environment again (after changing it in a running process, e.g. in tests) and forget what was
+    learnt about flash-attn (importable, its signature, its first backward checked against SDPA's)."""
+    _SETTINGS.clear()
+    _flash_attn_func.cache_clear()
+    _flash_attn_backward_op.cache_clear()
+    _FLASH_BWD.update(checked=False, off=None)
+    return settings()
+
+
+@contextlib.contextmanager
+def use_settings(*, primal=None, backward=None, tangent=None):
+    """Within the block attention dispatches as if the environment variables said so (None: unchanged). The backward
+    that runs is fixed when the forward runs, so a forward inside the block keeps its choice for its backward."""
+    new = {key: _choice(key, value) for key, value in
+           (("primal", primal), ("backward", backward), ("tangent", tangent)) if value is not None}
+    old = dict(settings())
+    _SETTINGS.update(new)
+    try:
+        yield _SETTINGS
+    finally:
+        _SETTINGS.clear()
+        _SETTINGS.update(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward: SDPA recompute (default on CUDA), flash-attn's kernel, or the Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def backward_impl(q, v) -> str:
+    """The backward an attention Function's forward on q, v commits to (it decides what is saved): ``sdpa``,
+    ``flash_attn`` or ``triton``.
+
+    ``FREEFLOW_ATTENTION_BWD`` unset: ``sdpa`` on CUDA (H100, DiT-XL/2 bf16: SDPA forward + backward 0.284 ms
+    against 0.712 ms for the Triton forward + backward, of which 0.118 ms forward), ``triton`` elsewhere (the
+    interpreter: what tests the Triton backward). Set, it applies on every device; ``flash_attn`` runs only
+    where flash-attn takes the inputs (CUDA, fp16/bf16, equal head dims, a multiple of 8, ≤ 256) and is
+    importable with a known signature, else ``sdpa`` (with a one-time warning when it is the import or the
+    signature that fails)."""
+    choice = settings()["backward"]
+    if choice is None:
+        return "sdpa" if _on_cuda(q) else "triton"
+    if choice == "flash_attn":
+        if not (_on_cuda(q) and _flash_attn_takes(q, v)) or _FLASH_BWD["off"]:
+            return "sdpa"
+        op, why = _flash_attn_backward_op()
+        if op is None:
+            _flash_backward_off(why)
+            return "sdpa"
+    return choice
+
+
+def sdpa_backward(do, q, k, v, scale, needs=(True, True, True)):
+    """(dQ, dK, dV) of O = softmax(scale·QKᵀ)V by recomputing O with SDPA under autograd and running SDPA's own
+    backward (flash or memory-efficient on CUDA, its CPU kernels elsewhere): q, k and v are all it needs. A
+    gradient whose ``needs`` entry is False is None."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), needs)]
+    # autocast off: q, k, v already are what the forward computed with (autocast_inputs cast them)
+    with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+        o = F.scaled_dot_product_attention(*leaves, scale=scale)
+    grads = iter(torch.autograd.grad(o, [t for t in leaves if t.requires_grad], do))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+# flash-attn 2.x's ``_flash_attn_backward`` is called by keyword: the arguments we pass, and the fixed values of the
+# ones that changed across 2.x (``window_size`` became ``window_size_left``/``_right`` and ``softcap`` came in 2.6).
+_FLASH_BWD_PASSED = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "softmax_scale")
+_FLASH_BWD_FIXED = dict(dropout_p=0.0, causal=False, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+                        softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+# checked: its first gradients matched SDPA's; off: why it is not used in this process (None: it may be)
+_FLASH_BWD: dict = dict(checked=False, off=None)
+LN2 = 0.6931471805599453
+
+
+@functools.cache
+def _flash_attn_backward_op():
+    """(flash-attn's ``_flash_attn_backward``, the fixed keyword arguments it takes) or (None, why it is unusable).
+
+    A signature this module does not know (a required parameter it would not pass, or one of its own missing)
+    makes it unusable rather than guessed at."""
+    try:
+        from flash_attn.flash_attn_interface import _flash_attn_backward as op
+    except Exception as e:  # not installed, or built for another torch/CUDA
+        return None, f"flash-attn's _flash_attn_backward cannot be imported ({type(e).__name__}: {e})"
+    try:  # from 2.6 on it is a torch.library custom op, which keeps the Python function as _init_fn
+        params = inspect.signature(getattr(op, "_init_fn", op)).parameters
+    except (TypeError, ValueError) as e:
+        return None, f"the signature of flash-attn's _flash_attn_backward cannot be read ({e})"
+    missing = [n for n in _FLASH_BWD_PASSED if n not in params]
+    unknown = [n for n, p in params.items() if n not in _FLASH_BWD_PASSED and n not in _FLASH_BWD_FIXED
+               and (p.default is p.empty or p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY))]
+    if missing or unknown:
+        return None, (f"flash-attn's _flash_attn_backward({', '.join(params)}) is not a 2.x signature this module "
+                      f"knows (missing {missing}, unknown required {unknown})")
+    return op, {n: v for n, v in _FLASH_BWD_FIXED.items() if n in params}
+
+
+def _flash_backward_off(why: str):
+    if _FLASH_BWD["off"] is None:
+        _FLASH_BWD["off"] = why
+        warnings.warn(f"FREEFLOW_ATTENTION_BWD=flash_attn: {why}; the attention backward runs on SDPA instead "
+                      "for the rest of this process", RuntimeWarning, stacklevel=3)
+
+
+def flash_attn_backward(do, q, k, v, o, lse, scale):
+    """(dQ, dK, dV) by flash-attn 2.x's backward kernel from our forward's O and LSE: flash-attn takes
+    (B, S, H, D) tensors (ours transposed, no copy) and the log-sum-exp in natural-log units, (B, H, S) fp32
+    (ours is log2 units: × ln 2). The gradients come back as (B, H, S, D) views of (B, S, H, D) storage."""
+    op, fixed = _flash_attn_backward_op()
+    if op is None:
+        raise RuntimeError(fixed)
+
+    def bshd(t):
+        return t.transpose(1, 2)
+
+    dq, dk, dv = (torch.empty(bshd(t).shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    op(dout=bshd(do), q=bshd(q), k=bshd(k), v=bshd(v), out=bshd(o), softmax_lse=lse * LN2, dq=dq, dk=dk, dv=dv,
+       softmax_scale=scale, **fixed)
+    return bshd(dq), bshd(dk), bshd(dv)
+
+
+def _flash_or_sdpa_backward(do, q, k, v, o, lse, scale):
+    """flash-attn's backward, guarded: if it raises, or its first gradients in this process differ from SDPA's
+    (one extra backward, once), a warning says so and SDPA's backward runs from then on — never wrong gradients."""
+    if _FLASH_BWD["off"] is None:
+        try:
+            grads = flash_attn_backward(do, q, k, v, o, lse, scale)
+        except Exception as e:
+            _flash_backward_off(f"its backward raised {type(e).__name__}: {str(e)[:200]}")
+        else:
+            if _FLASH_BWD["checked"]:
+                return grads
+            want = sdpa_backward(do, q, k, v, scale)
+            err = max(_rel_err(a, b) for a, b in zip(grads, want))
+            if err <= _FLASH_CHECK_TOL:
+                _FLASH_BWD["checked"] = True
+                return grads
+            _flash_backward_off(f"its gradients differ from SDPA's by {err:.1e} (normwise relative) on the first call")
+            return want
+    return sdpa_backward(do, q, k, v, scale)
+
+
+# Two correct fp16/bf16 backwards agree to ~1e-3 normwise; wrong LSE units or layouts give O(1) differences.
+_FLASH_CHECK_TOL = 2e-2
+
+
+def _rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    scale = b.abs().max().item()
+    return ((a - b).abs().max() / (scale if scale > 0 else 1.0)).item()
+
+
+# ----------------------------------------------------------------------------------------------
 # autograd Functions
 # ----------------------------------------------------------------------------------------------
+
+
+def _save_for_backward(ctx, q, k, v, o, lse):
+    """Save what the chosen backward reads: q, k, v for the SDPA recompute (O and LSE are then freed with the
+    caller's last reference: at DiT-XL/2, B = 32, bf16, 18.5 MiB per attention layer), also O and LSE otherwise."""
+    ctx.backward_impl = backward_impl(q, v)
+    if ctx.backward_impl == "sdpa":
+        ctx.save_for_backward(q, k, v)
+    else:
+        ctx.save_for_backward(q, k, v, o, lse)
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -579,7 +780,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, scale = inputs
         o, lse = output
         ctx.scale = default_scale(q, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        _save_for_backward(ctx, q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # LSE gets no gradient: no zero-fill launch for it
@@ -592,7 +793,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @kernel_rule
     def jvp(ctx, tq, tk, tv, _tscale):
-        q, k, v = saved(ctx)
+        q, k, v = saved(ctx)  # in a jvp rule: what save_for_forward saved
         _, to, _ = attention_forward(q, k, v, tq, tk, tv, ctx.scale, store_o=False)
         return (torch.zeros_like(q[..., :1]).expand(*q.shape[:3], v.shape[3]) if to is None else to), None
 
@@ -609,7 +810,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         q, k, v, _, _, _, scale = inputs
         o, to, lse = output
         ctx.scale = default_scale(q, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        _save_for_backward(ctx, q, k, v, o, lse)
         ctx.mark_non_differentiable(to, lse)
         ctx.set_materialize_grads(False)  # Ȯ and LSE get no gradient: no zero-fill launches for them
 
@@ -622,9 +823,15 @@ class AttentionJVPFunction(torch.autograd.Function):
 def _backward(ctx, do):
     if do is None:
         return (None,) * 3
+    needs = ctx.needs_input_grad[:3]
+    if ctx.backward_impl == "sdpa":
+        return sdpa_backward(do, *saved(ctx), ctx.scale, needs)
     q, k, v, o, lse = saved(ctx)
-    grads = attention_backward(do, q, k, v, o, lse, ctx.scale)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3]))
+    if ctx.backward_impl == "flash_attn":
+        grads = _flash_or_sdpa_backward(do, q, k, v, o, lse, ctx.scale)
+    else:
+        grads = attention_backward(do, q, k, v, o, lse, ctx.scale)
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _check_triton(q, k, v, *tangents):
@@ -641,10 +848,45 @@ def _check_triton(q, k, v, *tangents):
 
 
 # ----------------------------------------------------------------------------------------------
-# The primal fast path: SDPA (or flash-attn) on CUDA when no tangent is needed
+# Dispatch: the primal fast path (SDPA or flash-attn on CUDA when no tangent is needed) and the
+# tangent rule (the JVP kernel only where it was measured faster than the eager reference)
 # ----------------------------------------------------------------------------------------------
 
-PRIMAL_IMPLS = ("sdpa", "flash_attn", "triton")
+# (O, Ȯ) in one pass, GPU ms: (JVP kernel, attention_jvp_reference) per (dtype, head dim). H100 80GB, torch 2.11,
+# Triton 3.6, batch 8, 256 tokens, do_bench medians (docs/kernels.md, "Measured on an H100": the self-test).
+TANGENT_TIMINGS_H100 = {
+    (torch.bfloat16, 64): (0.356, 0.661),
+    (torch.bfloat16, 72): (0.313, 0.698),
+    (torch.float32, 64): (0.635, 0.386),
+    (torch.float32, 72): (15.695, 0.588),
+}
+
+
+def tangent_impl(dtype: torch.dtype, head_dim: int, device_type: str, backend: str = "auto") -> str:
+    """Where attention with a tangent runs once Triton can: ``"triton"`` (the JVP kernel) or ``"reference"``
+    (``attention_jvp_reference``; ``attention`` under forward AD: ``attention_reference``).
+
+    DESIGN §8: dispatch never picks a kernel measured slower than the path it replaces. On CUDA the kernel runs
+    where it was measured faster than the eager reference for this dtype, at the nearest measured head dim
+    (``TANGENT_TIMINGS_H100``; H100, batch 8, S = 256):
+
+        dtype  head dim  JVP kernel   eager reference
+        bf16   64         0.356 ms     0.661 ms      → kernel (1.9× faster)
+        bf16   72         0.313 ms     0.698 ms      → kernel (2.2× faster)
+        fp32   64         0.635 ms     0.386 ms      → reference (kernel 1.6× slower)
+        fp32   72        15.695 ms     0.588 ms      → reference (kernel 27× slower)
+
+    fp16 runs bf16's tensor-core code and follows bf16. Only S = 256 was measured: the rule does not look at S.
+    Off CUDA (the Triton interpreter) the kernel runs: that is where the tests prove it. ``backend="triton"``
+    (or ``FREEFLOW_KERNELS=triton``) and ``FREEFLOW_ATTENTION_JVP=triton`` force the kernel."""
+    if backend == "triton" or device_type != "cuda" or settings()["tangent"] == "triton":
+        return "triton"
+    family = torch.bfloat16 if dtype == torch.float16 else dtype
+    measured = [(abs(d - head_dim), ms) for (dt, d), ms in TANGENT_TIMINGS_H100.items() if dt == family]
+    if not measured:
+        return "triton"
+    kernel_ms, eager_ms = min(measured)[1]
+    return "triton" if kernel_ms < eager_ms else "reference"
 
 
 def _on_cuda(t) -> bool:
@@ -655,10 +897,13 @@ def _needs_tangent(*tensors) -> bool:
     """True when forward-mode AD may ask ``attention`` for a tangent: an input is a dual tensor
     (``forward_ad``, ``torch.func.jvp``) or lives inside a ``torch.func`` transform (whose levels may
     carry tangents that ``unpack_dual`` at this level does not see)."""
-    from torch._C._functorch import is_functorch_wrapped_tensor
-    return any(is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    if any(is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    # outside every forward_ad.dual_level() no tensor can be dual: skip the three unpack_dual calls
+    return fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
+@functools.cache
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func
@@ -667,25 +912,31 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def primal_impl(q, k, v, backend=None) -> str:
-    """What ``attention(q, k, v)`` runs: "reference", "triton" (the JVP kernel), "sdpa" or "flash_attn".
+def _flash_attn_takes(q, v) -> bool:
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
-    Rule: the reference off the Triton path (``use_triton``); on CUDA, with no tangent needed, SDPA's
-    flash/efficient backends (they take head dim 72 as is) — or flash-attn when ``FREEFLOW_ATTENTION=flash_attn``
-    and it is installed and takes these inputs; the JVP kernel when a tangent may be needed, off CUDA
-    (the interpreter) or with ``FREEFLOW_ATTENTION=triton``.
+
+def primal_impl(q, k, v, backend=None) -> str:
+    """What ``attention(q, k, v)`` runs: "reference", "triton" (the JVP kernel) or, with no tangent, "sdpa" or
+    "flash_attn".
+
+    Rule: the reference off the Triton path (``use_triton``); off CUDA (the interpreter) the JVP kernel; on CUDA,
+    when a tangent may be needed, the JVP kernel or the reference as ``tangent_impl`` says (fp32 → reference);
+    with no tangent, SDPA's flash/efficient backends (they take head dim 72 as is) — or flash-attn when
+    ``FREEFLOW_ATTENTION=flash_attn`` and it is installed and takes these inputs, the JVP kernel with
+    ``FREEFLOW_ATTENTION=triton``.
     """
+    backend = check_backend(backend)
     if not use_triton(q, k, v, backend=backend):
         return "reference"
-    if not _on_cuda(q) or _needs_tangent(q, k, v):
+    if not _on_cuda(q):
         return "triton"
-    choice = os.environ.get("FREEFLOW_ATTENTION", "sdpa").strip().lower() or "sdpa"
-    if choice not in PRIMAL_IMPLS:
-        raise ValueError(f"FREEFLOW_ATTENTION must be one of {PRIMAL_IMPLS}, got {choice!r}")
+    if _needs_tangent(q, k, v):
+        return tangent_impl(q.dtype, q.shape[-1], "cuda", backend)
+    choice = settings()["primal"]
     if choice == "flash_attn":
-        usable = (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
-                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
-        return "flash_attn" if usable and _flash_attn_func() is not None else "sdpa"
+        return "flash_attn" if _flash_attn_takes(q, v) and _flash_attn_func() is not None else "sdpa"
     return choice
 
 
@@ -719,14 +970,18 @@ def attention(q, k, v, scale=None, *, backend=None):
 def attention_jvp(q, k, v, tq, tk, tv, scale=None, *, backend=None):
     """One pass computing (O, Ȯ); ``o`` differentiable w.r.t. q, k, v, ``o_tangent`` detached.
 
-    Under autocast the inputs and tangents are cast to the autocast dtype first, as in ``attention``."""
+    Under autocast the inputs and tangents are cast to the autocast dtype first, as in ``attention``. With a
+    tangent, ``tangent_impl`` decides between the fused kernel and the reference (fp32 on CUDA: the reference)."""
     _check(q, k, v)
     check_tangents([("tq", tq, q), ("tk", tk, k), ("tv", tv, v)])
     q, k, v, tq, tk, tv = autocast_inputs(q.device, q, k, v, tq, tk, tv)
+    backend = check_backend(backend)
     if not use_triton(q, k, v, tq, tk, tv, backend=backend):
         return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
     _check_triton(q, k, v, tq, tk, tv)
     if tq is None and tk is None and tv is None:
         return attention(q, k, v, scale, backend=backend), None
+    if tangent_impl(q.dtype, q.shape[-1], "cuda" if _on_cuda(q) else q.device.type, backend) == "reference":
+        return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
     o, to, _ = AttentionJVPFunction.apply(q, k, v, detached(tq), detached(tk), detached(tv), scale)
     return o, to

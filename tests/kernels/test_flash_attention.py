@@ -1,5 +1,10 @@
 """JVP flash attention: Triton kernels vs the reference, SDPA's math path, torch.func and autograd
-(interpreted on CPU, compiled on CUDA: the ``device`` fixture)."""
+(interpreted on CPU, compiled on CUDA: the ``device`` fixture); dispatch, the backward choices and their settings."""
+import math
+import sys
+import types
+import warnings
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -16,6 +21,15 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 check = make_check(TOL)
 # (B, H, S, Dh): S = 1, 49, 100, 257 (masked tails across several key blocks), DiT head dims 64 and 72
 CASES = [(1, 2, 1, 64), (2, 1, 49, 72), (1, 2, 100, 72), (2, 1, 257, 64)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_attention_settings():
+    """Each test starts from the environment's attention settings and leaves no cached setting behind (autouse, so
+    its teardown runs after monkeypatch has restored the environment)."""
+    fa.refresh_settings()
+    yield
+    fa.refresh_settings()
 
 
 def qkv(B, H, S, D, dtype, seed=0, device="cpu"):
@@ -206,29 +220,29 @@ def test_validation(device):
 
 
 def test_primal_fast_path_dispatch(device, monkeypatch):
-    """On CUDA (faked here), SDPA runs exactly when no tangent can be asked for; the JVP kernel otherwise."""
-    import torch.autograd.forward_ad as fwAD
-
-    import freeflow.kernels.flash_attention as fa
-    calls = []
+    """On CUDA (faked here), SDPA runs exactly when no tangent can be asked for; with a tangent the JVP kernel runs in
+    fp16/bf16 and the reference in fp32 (``tangent_impl``: the fp32 kernel was measured slower), unless forced."""
+    calls, launches = [], []
 
     def fake_sdpa(q, k, v, scale):
         calls.append("sdpa")
         return attention_reference(q, k, v, scale)
 
+    forward = fa.attention_forward
     (q, k, v), tangents = qkv(1, 2, 49, 72, torch.float32, seed=7, device=device)
     assert fa.primal_impl(q, k, v) == ("sdpa" if device.type == "cuda" else "triton")  # real device decision
     assert fa.primal_impl(q, k, v, backend="reference") == "reference"
     monkeypatch.setattr(fa, "_on_cuda", lambda t: True)
     monkeypatch.setattr(fa, "_sdpa", fake_sdpa)
+    monkeypatch.setattr(fa, "attention_forward", lambda *a, **kw: launches.append(1) or forward(*a, **kw))
     assert fa.primal_impl(q, k, v) == "sdpa"
     check(K.attention(q, k, v), attention_reference(q, k, v), torch.float32, "O via SDPA")
     assert calls == ["sdpa"]
     _, to = K.attention_jvp(q, k, v, None, None, None)  # no tangent: the primal fast path
     assert to is None and calls == ["sdpa"] * 2
-    # any tangent → the JVP kernel, never SDPA
-    _, to = K.attention_jvp(q, k, v, *tangents)
+    # fp32 with a tangent → the reference, never SDPA and never the kernel
     _, to_func = torch.func.jvp(attention_reference, (q, k, v), tangents)
+    _, to = K.attention_jvp(q, k, v, *tangents)
     check(to, to_func, torch.float32, "fused tangent")
     _, to = torch.func.jvp(K.attention, (q, k, v), tangents)
     check(to, to_func, torch.float32, "torch.func.jvp tangent")
@@ -237,15 +251,212 @@ def test_primal_fast_path_dispatch(device, monkeypatch):
         dual = K.attention(fwAD.make_dual(q, tangents[0]), k, v)
         check(fwAD.unpack_dual(dual).tangent, to_q, torch.float32, "forward_ad tangent")
         assert fa.primal_impl(q, k, v) == "sdpa"  # a dual level without duals on q, k, v needs no tangent
-    assert calls == ["sdpa"] * 2
-    monkeypatch.setenv("FREEFLOW_ATTENTION", "triton")
-    assert fa.primal_impl(q, k, v) == "triton"
-    monkeypatch.setenv("FREEFLOW_ATTENTION", "flash_attn")
-    monkeypatch.setattr(fa, "_flash_attn_func", lambda: None)  # chosen but not installed → SDPA
-    assert fa.primal_impl(q.half(), k.half(), v.half()) == "sdpa"
-    monkeypatch.setattr(fa, "_flash_attn_func", lambda: object())
-    assert fa.primal_impl(q.half(), k.half(), v.half()) == "flash_attn"
-    assert fa.primal_impl(q, k, v) == "sdpa"  # flash-attn takes fp16/bf16 only
-    monkeypatch.setenv("FREEFLOW_ATTENTION", "bogus")
-    with pytest.raises(ValueError, match="FREEFLOW_ATTENTION"):
-        fa.primal_impl(q, k, v)
+    assert calls == ["sdpa"] * 2 and launches == []
+    # ... unless forced: backend="triton", or FREEFLOW_ATTENTION_JVP=triton
+    _, to = K.attention_jvp(q, k, v, *tangents, backend=T)
+    check(to, to_func, torch.float32, "forced fused tangent")
+    assert len(launches) == 1
+    with fa.use_settings(tangent="triton"):
+        _, to = torch.func.jvp(K.attention, (q, k, v), tangents)
+    check(to, to_func, torch.float32, "forced torch.func.jvp tangent")
+    assert len(launches) == 3  # AttentionFunction: the primal forward, then its jvp rule
+    # fp16 with a tangent → the kernel
+    half = [t.half() for t in (q, k, v, *tangents)]
+    _, to = K.attention_jvp(*half)
+    check(to, attention_jvp_reference(*half)[1], torch.float16, "fp16 fused tangent")
+    assert len(launches) == 4 and calls == ["sdpa"] * 2
+
+
+def test_attention_settings_are_cached_validated_and_overridable(monkeypatch):
+    """FREEFLOW_ATTENTION / _BWD / _JVP are read once (not per call): a change shows after ``refresh_settings``; a bad
+    value names its variable; ``use_settings`` overrides for a block and restores."""
+    monkeypatch.delenv("FREEFLOW_ATTENTION", raising=False)
+    monkeypatch.delenv("FREEFLOW_ATTENTION_BWD", raising=False)
+    monkeypatch.delenv("FREEFLOW_ATTENTION_JVP", raising=False)
+    assert fa.refresh_settings() == {"primal": "sdpa", "backward": None, "tangent": "auto"}
+    monkeypatch.setenv("FREEFLOW_ATTENTION_BWD", "triton")
+    assert fa.settings()["backward"] is None  # cached
+    assert fa.refresh_settings()["backward"] == "triton"
+    monkeypatch.setenv("FREEFLOW_ATTENTION", " Flash_Attn ")
+    monkeypatch.setenv("FREEFLOW_ATTENTION_JVP", "triton")
+    assert fa.refresh_settings() == {"primal": "flash_attn", "backward": "triton", "tangent": "triton"}
+    with fa.use_settings(backward="sdpa", tangent="auto"):
+        assert fa.settings() == {"primal": "flash_attn", "backward": "sdpa", "tangent": "auto"}
+    assert fa.settings() == {"primal": "flash_attn", "backward": "triton", "tangent": "triton"}
+    for name, value in (("FREEFLOW_ATTENTION", "bogus"), ("FREEFLOW_ATTENTION_BWD", "math"),
+                        ("FREEFLOW_ATTENTION_JVP", "reference")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            fa.refresh_settings()
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="FREEFLOW_ATTENTION_BWD must be one of"):
+        with fa.use_settings(backward="cudnn"):
+            pass
+    (q, k, v), _ = qkv(1, 2, 5, 64, torch.float32)
+    half = [t.half() for t in (q, k, v)]
+    monkeypatch.setattr(fa, "_on_cuda", lambda t: True)
+    assert fa.refresh_settings()["primal"] == "sdpa" and fa.primal_impl(*half) == "sdpa"
+    with fa.use_settings(primal="flash_attn"):
+        monkeypatch.setattr(fa, "_flash_attn_func", lambda: None)  # chosen but not installed → SDPA
+        assert fa.primal_impl(*half) == "sdpa"
+        monkeypatch.setattr(fa, "_flash_attn_func", lambda: object())
+        assert fa.primal_impl(*half) == "flash_attn"
+        assert fa.primal_impl(q, k, v) == "sdpa"  # flash-attn takes fp16/bf16 only
+    with fa.use_settings(primal="triton"):
+        assert fa.primal_impl(q, k, v) == "triton"
+
+
+def test_tangent_dispatch_rule():
+    """The rule never picks a kernel measured slower than the eager reference: fp32 → reference on CUDA, fp16/bf16 →
+    the kernel; off CUDA (the interpreter) and when forced, the kernel."""
+    for (dtype, d), (kernel_ms, eager_ms) in fa.TANGENT_TIMINGS_H100.items():
+        assert fa.tangent_impl(dtype, d, "cuda") == ("triton" if kernel_ms < eager_ms else "reference")
+    assert fa.tangent_impl(torch.float32, 72, "cuda") == "reference"   # 15.7 ms against 0.59 ms
+    assert fa.tangent_impl(torch.float32, 64, "cuda") == "reference"   # 0.64 ms against 0.39 ms
+    assert fa.tangent_impl(torch.float32, 128, "cuda") == "reference"  # unmeasured: nearest measured head dim, 72
+    assert fa.tangent_impl(torch.bfloat16, 72, "cuda") == "triton"     # 0.31 ms against 0.70 ms
+    assert fa.tangent_impl(torch.bfloat16, 40, "cuda") == "triton"
+    assert fa.tangent_impl(torch.float16, 72, "cuda") == "triton"      # bf16's tensor-core code
+    assert fa.tangent_impl(torch.float32, 72, "cpu") == "triton"       # the interpreter: where tests prove it
+    assert fa.tangent_impl(torch.float32, 72, "cuda", backend="triton") == "triton"
+    with fa.use_settings(tangent="triton"):
+        assert fa.tangent_impl(torch.float32, 72, "cuda") == "triton"
+
+
+SDPA_BWD_CASES = [(2, 1, 49, 64), (2, 1, 49, 72), (1, 2, 257, 64), (1, 2, 257, 72)]
+
+
+@pytest.mark.parametrize("shape", SDPA_BWD_CASES)
+def test_sdpa_recompute_backward(device, shape):
+    """FREEFLOW_ATTENTION_BWD=sdpa (the default on CUDA): the Functions save q, k, v only and the backward recomputes
+    O with SDPA under autograd — through ``attention`` (AttentionFunction), ``attention_jvp`` (AttentionJVPFunction)
+    and ``torch.func.jvp`` + backward, against autograd through the reference."""
+    (q, k, v), tangents = qkv(*shape, torch.float32, seed=21, device=device)
+    g = torch.randn(*shape[:3], shape[3], generator=torch.Generator().manual_seed(22)).to(device)
+    ref = leaves((q, k, v))
+    o_ref, to_ref = attention_jvp_reference(*ref, *tangents)
+    want = torch.autograd.grad(o_ref, ref, g)
+    with fa.use_settings(backward="sdpa"):
+        mine = leaves((q, k, v))
+        o, to = K.attention_jvp(*mine, *tangents, backend=T)
+        assert o.grad_fn.name() == "AttentionJVPFunctionBackward" and len(o.grad_fn.saved_tensors) == 3
+        o_primal = K.attention(*mine, backend=T)
+        assert o_primal.grad_fn.name() == "AttentionFunctionBackward" and len(o_primal.grad_fn.saved_tensors) == 3
+        o_func, to_func = torch.func.jvp(lambda *x: K.attention(*x, backend=T), tuple(mine), tangents)
+    check(o, o_ref, torch.float32, "O")
+    check(to, to_ref, torch.float32, "tangent")
+    check(to_func, to_ref, torch.float32, "torch.func.jvp tangent")
+    for what, out in (("attention_jvp", o), ("attention", o_primal), ("torch.func.jvp", o_func)):
+        for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(out, mine, g), want):
+            check(a, b, torch.float32, f"{what} {name}")
+    # the Triton backward (the interpreter's default) keeps O and LSE for its kernels
+    o_triton, _ = K.attention_jvp(*mine, *tangents, backend=T)
+    assert len(o_triton.grad_fn.saved_tensors) == (3 if device.type == "cuda" else 5)
+
+
+def test_sdpa_recompute_backward_only_the_gradients_asked_for(device):
+    (q, k, v), tangents = qkv(2, 1, 49, 72, torch.float32, seed=23, device=device)
+    kk = k.detach().clone().requires_grad_()
+    with fa.use_settings(backward="sdpa"):
+        o, _ = K.attention_jvp(q, kk, v, *tangents, backend=T)
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(24)).to(device)
+    (dk,) = torch.autograd.grad(o, kk, g)
+    ref = kk.detach().clone().requires_grad_()
+    check(dk, torch.autograd.grad(attention_reference(q, ref, v), ref, g)[0], torch.float32, "dk alone")
+
+
+def _flash_attn_stand_in(signature="2.6", lse_units=1.0):
+    """A module standing in for ``flash_attn.flash_attn_interface``: ``_flash_attn_backward`` with flash-attn 2.x's
+    keyword names and contract — (B, S, H, D) tensors, the log-sum-exp (B, H, S) in natural-log units, gradients
+    written into dq, dk, dv — computed from P = exp(scale·QKᵀ - lse) in fp32. ``lse_units`` ≠ 1 misreads the LSE."""
+    calls = []
+
+    def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, **rest):
+        calls.append(rest)
+        q, k, v, out, dout = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))
+        p = torch.exp(softmax_scale * q @ k.transpose(-1, -2) - softmax_lse[..., None] * lse_units)
+        dv.copy_((p.transpose(-1, -2) @ dout).transpose(1, 2))
+        dp = dout @ v.transpose(-1, -2)
+        ds = p * (dp - (dout * out).sum(-1, keepdim=True))
+        dq.copy_((softmax_scale * ds @ k).transpose(1, 2))
+        dk.copy_((softmax_scale * ds.transpose(-1, -2) @ q).transpose(1, 2))
+        return torch.empty(0)
+
+    if signature == "2.6":
+        def op(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size_left,
+               window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+            assert (dropout_p, causal, window_size_left, window_size_right, softcap) == (0.0, False, -1, -1, 0.0)
+            return backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, deterministic=deterministic)
+    elif signature == "2.5":
+        def op(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size,
+               alibi_slopes, deterministic, rng_state=None):
+            assert (dropout_p, causal, tuple(window_size)) == (0.0, False, (-1, -1))
+            return backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, window_size=window_size)
+    else:  # a future signature with a required argument this module does not know
+        def op(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, sink):
+            return backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale)
+    module = types.ModuleType("flash_attn.flash_attn_interface")
+    module._flash_attn_backward = op
+    return module, calls
+
+
+def _install(monkeypatch, module):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
+    monkeypatch.setattr(fa, "_on_cuda", lambda t: True)  # flash-attn runs on CUDA only
+    fa.refresh_settings()
+
+
+def _half_jvp_and_grads(device, seed, n=1):
+    """fp16 (O, Ȯ) through the fused Function, then a backward, n times: those gradients, the reference's, and how
+    many tensors each forward saved."""
+    (q, k, v), tangents = qkv(2, 2, 49, 72, torch.float16, seed=seed, device=device)
+    g = torch.randn(2, 2, 49, 72, generator=torch.Generator().manual_seed(seed + 1)).to(device, torch.float16)
+    ref = leaves((q, k, v))
+    want = torch.autograd.grad(attention_reference(*ref), ref, g)
+    got, saved = [], []
+    for _ in range(n):
+        mine = leaves((q, k, v))
+        o, _ = K.attention_jvp(*mine, *tangents, backend=T)
+        saved.append(len(o.grad_fn.saved_tensors))
+        got.append(torch.autograd.grad(o, mine, g))
+    return got, want, saved
+
+
+@pytest.mark.parametrize("signature", ["2.6", "2.5"])
+def test_flash_attn_backward_gets_our_lse_in_its_layout(device, monkeypatch, signature):
+    """FREEFLOW_ATTENTION_BWD=flash_attn: our LSE (log2 units) reaches flash-attn's backward as natural log in its
+    (B, H, S) layout with q, k, v, O, dO as (B, S, H, D); checked against a stand-in for flash-attn's kernel (flash-attn
+    is not installed here) across its 2.5 and 2.6 signatures. The first call is also checked against SDPA's backward."""
+    module, calls = _flash_attn_stand_in(signature)
+    _install(monkeypatch, module)
+    with fa.use_settings(backward="flash_attn"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a correct flash-attn backward runs without a fallback warning
+        got, want, saved = _half_jvp_and_grads(device, seed=31, n=2)
+    assert saved == [5, 5] and len(calls) == 2  # O and LSE kept for it
+    for grads in got:
+        for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+            check(a, b, torch.float16, f"flash-attn {signature} {name}")
+
+
+def test_flash_attn_backward_with_an_unknown_signature_falls_back_to_sdpa(device, monkeypatch):
+    module, calls = _flash_attn_stand_in("future")
+    _install(monkeypatch, module)
+    with fa.use_settings(backward="flash_attn"), pytest.warns(RuntimeWarning, match="not a 2.x signature"):
+        got, want, saved = _half_jvp_and_grads(device, seed=33)
+    assert calls == [] and saved == [3]  # SDPA decided at the forward: q, k, v only
+    for name, a, b in zip(("dq", "dk", "dv"), got[0], want):
+        check(a, b, torch.float16, f"SDPA fallback {name}")
+
+
+def test_flash_attn_backward_that_disagrees_with_sdpa_is_dropped(device, monkeypatch):
+    """A flash-attn whose backward reads the LSE in other units (here: log2, as if unconverted) gives wrong gradients:
+    the first call's check against SDPA catches it, warns once, and SDPA's gradients are returned then and after."""
+    module, calls = _flash_attn_stand_in("2.6", lse_units=1 / math.log(2.0))
+    _install(monkeypatch, module)
+    with fa.use_settings(backward="flash_attn"), pytest.warns(RuntimeWarning, match="differ from SDPA's"):
+        got, want, saved = _half_jvp_and_grads(device, seed=35, n=3)
+    assert len(calls) == 1 and saved == [5, 3, 3]  # after the check it is neither called nor saved for
+    for grads in got:
+        for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+            check(a, b, torch.float16, f"after the check {name}")
