@@ -164,17 +164,14 @@ def build_cases(size: str, dtype_name: str, device: str, tiny: bool) -> list[Cas
 # ----------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def row_candidates(default, C, S, *_, **__):
     """(BLOCK_S, BLOCK_C, num_warps) for kernels holding BLOCK_S whole rows of C: BLOCK_C is the padded row (it
     cannot change); 1–16 rows per program and 2–16 warps, keeping 4–32 fp32 values per thread and tensor."""
+    from freeflow.kernels._launch import next_power_of_2
     block_c = default[1]
     out = [tuple(default)]
     for rows in (1, 2, 4, 8, 16):
-        if rows > _pow2(S) or rows * block_c > 16384:
+        if rows > next_power_of_2(S) or rows * block_c > 16384:
             continue
         for warps in (2, 4, 8, 16):
             if 4 <= rows * block_c / (32 * warps) <= 32 and (rows, block_c, warps) not in out:
@@ -185,11 +182,12 @@ def row_candidates(default, C, S, *_, **__):
 def elementwise_candidates(default, M, C, *_, **__):
     """(BLOCK_M, BLOCK_C, num_warps) for row-wise elementwise kernels over (M, C): the helper's BLOCK_C with tiles
     of 1K–8K values and 2–16 warps (4–32 values per thread), plus the default tile with BLOCK_C halved and doubled."""
+    from freeflow.kernels._launch import next_power_of_2
     bm0, bc0, w0 = default
     out = [tuple(default)]
 
     def add(bm, bc, w):
-        if 1 <= bm <= _pow2(M) and 16 <= bc <= max(16, _pow2(C)) and (bm, bc, w) not in out:
+        if 1 <= bm <= next_power_of_2(M) and 16 <= bc <= max(16, next_power_of_2(C)) and (bm, bc, w) not in out:
             out.append((bm, bc, w))
 
     for values in (1024, 2048, 4096, 8192):
@@ -285,9 +283,9 @@ def helper_returning(module, helper: str, setting):
 
 
 def config_name(config) -> str:
-    parts = [f"{k[6:] if k.startswith('BLOCK_') else k}{'' if isinstance(v, bool) else v}"
-             for k, v in config.kwargs.items() if not (isinstance(v, bool) and not v)]
-    return " ".join(parts + [f"w{config.num_warps}", f"s{config.num_stages}"])
+    """As the compile report names it (``64x16 w8s2 split qk``: BLOCK_M x BLOCK_N, warps, stages, split flags)."""
+    from freeflow.kernels.aot import _config_name
+    return _config_name((config.kwargs, config.num_warps, config.num_stages, True))
 
 
 def setting_name(names, setting) -> str:
@@ -316,7 +314,8 @@ class Plan:
 
 
 def plan_case(case: Case) -> Plan:
-    """Read the settings from the live kernel, launching nothing of it (no compile)."""
+    """Read the settings from the live kernel, launching nothing of it (no compile). Kernels without autotune that
+    the wrapper launches first still run (the backward's Δ preprocess), so a captured launch has real inputs."""
     kernel = getattr(case.module, case.kernel)
     if hasattr(kernel, "configs"):
         with capturing(kernel, launch=False) as launches:
@@ -369,24 +368,8 @@ def _pruned(kernel, configs, args, kwargs):
     return [not any(c is k for k in kept) for c in configs]
 
 
-def launch_setting(case: Case, plan: Plan, index: int, capture: bool = False):
-    """Launch the case's kernel with setting ``index`` once; returns the kernel's captured launches if asked."""
-    kernel = getattr(case.module, case.kernel)
-    if plan.mode == "autotune":
-        args, kwargs = plan.launch
-        with only_config(kernel, plan.settings[index]):
-            type(kernel).run(kernel, *args, **kwargs)
-        return None
-    with contextlib.ExitStack() as stack:
-        if plan.mode == "helper":
-            stack.enter_context(helper_returning(case.module, plan.helper, plan.settings[index]))
-        launches = stack.enter_context(capturing(kernel, launch=True)) if capture else None
-        case.call()
-    return launches
-
-
-def timed_call(case: Case, plan: Plan, index: int):
-    """The zero-argument callable that ``do_bench`` times for setting ``index``, and the context it runs in."""
+def setting_call(case: Case, plan: Plan, index: int):
+    """(the zero-argument callable that launches setting ``index``, the context it must run in)."""
     kernel = getattr(case.module, case.kernel)
     if plan.mode == "autotune":
         args, kwargs = plan.launch
@@ -396,10 +379,22 @@ def timed_call(case: Case, plan: Plan, index: int):
     return case.call, contextlib.nullcontext()
 
 
+def launch_setting(case: Case, plan: Plan, index: int, capture: bool = False):
+    """Launch setting ``index`` once; with ``capture``, return the launches of a kernel the wrapper launches (the
+    replayed launch of an autotuned one is known already: None)."""
+    fn, ctx = setting_call(case, plan, index)
+    spy = capturing(getattr(case.module, case.kernel), launch=True)
+    with ctx, (spy if capture and plan.mode != "autotune" else contextlib.nullcontext()) as launches:
+        fn()
+    return launches
+
+
 def check_launched_with(plan: Plan, index: int, launches) -> str | None:
     """A helper setting the wrapper did not pass on to the kernel is an error, not a timing."""
-    if plan.mode != "helper" or not launches:
-        return None if plan.mode != "helper" else "the kernel was not launched"
+    if plan.mode != "helper":
+        return None
+    if not launches:
+        return "the kernel was not launched"
     names = CANDIDATES[plan.helper][0]
     got = {n: launches[0][1].get(n) for n in names}
     want = dict(zip(names, plan.settings[index]))
@@ -544,9 +539,15 @@ def tune_case(case: Case, plan: Plan, timer, deadline: float, compiled: dict, re
     kernel = getattr(case.module, case.kernel)
     row = dict(case=case.name, what=case.what, kernel=case.kernel_name, mode=plan.mode, helper=plan.helper,
                n_configs=len(plan.settings), note=plan.note, reference={"name": case.reference_name}, configs=[])
+    if time.monotonic() > deadline:
+        row["skipped"] = "time budget spent before this case"
+        return row
     try:
         if case.reference_name not in ref_cache:
-            ref_cache[case.reference_name] = timer(case.reference())
+            reference = case.reference()
+            reference()  # warm: the CPU timer does not, and a first call builds autograd's and cuBLAS's state
+            synchronize()
+            ref_cache[case.reference_name] = timer(reference)
         row["reference"]["ms"] = ref_cache[case.reference_name]
     except Exception as e:
         ref_cache[case.reference_name] = None
@@ -558,11 +559,10 @@ def tune_case(case: Case, plan: Plan, timer, deadline: float, compiled: dict, re
             vars(kernel).pop("configs_timings", None)
             start = time.perf_counter()
             cpu = contextlib.nullcontext() if torch.cuda.is_available() else cpu_benchmarker(kernel)
-            with cpu, capturing(kernel, launch=True) as launches:
+            with cpu, capturing(kernel, launch=True):
                 case.call()
             synchronize()
             row["autotune_s"] = round(time.perf_counter() - start, 3)
-            plan.launch = launches[0]  # replay this launch: its inputs are all computed (plan_case's may not be)
             best = getattr(kernel, "best_config", None)
             default = next((i for i, c in enumerate(plan.settings) if c is best or str(c) == str(best)), None)
             timings = getattr(kernel, "configs_timings", None) or {}
@@ -581,8 +581,8 @@ def tune_case(case: Case, plan: Plan, timer, deadline: float, compiled: dict, re
             entry["setting"] = list(setting)
         pre = compiled.get((*group, case.name, i), {})
         entry["compile_s"] = pre.get("seconds")
-        if "crashed" in pre or pre.get("error"):
-            entry.update(status="error", error=pre.get("crashed") or pre["error"])
+        if "crashed" in pre:  # it would take this process down too; a worker's other errors are tried again here
+            entry.update(status="error", error=pre["crashed"])
         elif time.monotonic() > deadline:
             entry["status"] = "skipped"
             entry["error"] = "time budget spent before this setting"
@@ -595,7 +595,7 @@ def tune_case(case: Case, plan: Plan, timer, deadline: float, compiled: dict, re
                 wrong = check_launched_with(plan, i, launches)
                 if wrong:
                     raise RuntimeError(wrong)
-                fn, ctx = timed_call(case, plan, i)
+                fn, ctx = setting_call(case, plan, i)
                 with ctx:
                     entry["ms"] = timer(fn)
                 entry["status"] = "ok"
@@ -744,20 +744,19 @@ def markdown(report: dict) -> str:
         ok = sum(c.get("status") == "ok" for c in r["configs"])
         ref = r.get("reference", {})
         lines.append("| " + " | ".join([
-            r["size"], r["dtype"], r["case"], f"{ok}/{len(r['configs'])}", r.get("default", "-"),
+            r["size"], r["dtype"], r["case"], f"{ok}/{r.get('n_configs', len(r['configs']))}", r.get("default", "-"),
             _ms(r.get("default_ms")), r.get("best", "-"), _ms(r.get("best_ms")),
             _x(r.get("default_ms"), r.get("best_ms")), ref.get("name", "-"), _ms(ref.get("ms")),
             _x(ref.get("ms"), r.get("default_ms")), _x(ref.get("ms"), r.get("best_ms"))]) + " |")
     lines += ["", _attention_primal(report), "", DETAILS_MARK, ""]
     for r in report["cases"]:
         ref = r.get("reference", {})
+        how = f"`{r['kernel']}`, {r.get('mode', '?')}" + (f" via `{r['helper']}`" if r.get("helper") else "")
+        notes = [f"reference {ref.get('name')}: {_ms(ref.get('ms'))} ms", ref.get("error"), r.get("note"),
+                 r.get("autotune_error") and f"autotune: {r['autotune_error']}", r.get("error"),
+                 r.get("skipped") and f"skipped: {r['skipped']}"]
         lines += [f"### {r['size']} {r['dtype']} `{r['case']}`: {r.get('what', '')}", "",
-                  f"`{r['kernel']}`, {r.get('mode', '?')}"
-                  f"{' via `' + r['helper'] + '`' if r.get('helper') else ''}; reference {ref.get('name')}: "
-                  f"{_ms(ref.get('ms'))} ms{' (' + ref['error'] + ')' if ref.get('error') else ''}"
-                  f"{'; ' + r['note'] if r.get('note') else ''}"
-                  f"{'; autotune: ' + r['autotune_error'] if r.get('autotune_error') else ''}"
-                  f"{'; ' + r['error'] if r.get('error') else ''}", "",
+                  "; ".join([how, *filter(None, notes)]), "",
                   "| setting | pruned | autotune pick / default | ms | speed-up | autotune's ms | note |",
                   "|---|---|---|---|---|---|---|"]
         tuned = r.get("autotune_ms", {})
