@@ -379,6 +379,11 @@ write_summary
 if [ -n "$TAR" ]; then
   tar czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed: $TAR"
 fi
-echo "gpu_report.sh: done in $(elapsed "$START") s; $OUT/report.md, $OUT/summary.json"
 [ -f "$OUT/report.md" ] && cat "$OUT/report.md"
+# last, for a caller that sees only the end of the output: one line per stage
+echo
+for s in "${STAGES[@]}"; do
+  printf '%-10s %-8s exit %-4s %6s s of %s\n' "$s" "${STATUS[$s]}" "${EXIT[$s]:--}" "${WALL[$s]:--}" "${LIMIT[$s]:--}"
+done
+echo "gpu_report.sh: done in $(elapsed "$START") s; $OUT/report.md, $OUT/summary.json"
 exit 0
