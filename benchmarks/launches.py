@@ -6,11 +6,15 @@
 - ATen ops that launch a kernel, by a ``TorchDispatchMode``: every op except views/aliases and bare
   allocations (``empty*``), which run no kernel. Ops issued by the Triton interpreter itself (its
   host↔"device" copies) are not counted.
+
+``stubbed_launches()`` replaces every Triton launch by a counter, so what an op call still costs is its host
+(Python) time: dispatch, checks, autograd plumbing, launch wrappers and the ATen ops around the kernels.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,10 +102,47 @@ def count_launches(fn) -> dict:
     return {"triton": kernels, "aten": aten.ops}
 
 
+@contextlib.contextmanager
+def stubbed_launches():
+    """Within the block no Triton kernel of ``freeflow.kernels`` runs: each kernel's ``run`` (what
+    ``kernel[grid](...)`` and an autotuner call) is replaced by a counter, as ``freeflow.kernels.aot`` records
+    launches, and the wrappers pick the GPU launch settings. Yields a Counter (kernel → launches).
+
+    On a machine without CUDA, dispatch is told the interpreter is on (``TRITON_INTERPRET=1`` for the block),
+    so CPU tensors take the Triton path as CUDA tensors would; nothing is interpreted, nothing launches."""
+    from freeflow.kernels import _dispatch, aot
+
+    kernels = aot._kernels()
+    counts = collections.Counter()
+
+    def counter(name):
+        def run(*args, warmup=False, **kwargs):
+            counts[name] += 1
+        return run
+
+    fake_interpreter = not torch.cuda.is_available()
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    if fake_interpreter:
+        os.environ["TRITON_INTERPRET"] = "1"
+        _dispatch.refresh_settings()
+    for name, kernel in kernels.items():
+        kernel.run = counter(name)
+    try:
+        with _dispatch.gpu_launch_settings():
+            yield counts
+    finally:
+        for kernel in kernels.values():
+            del kernel.run  # back to the class's run
+        if fake_interpreter:
+            if saved_env is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved_env
+            _dispatch.refresh_settings()
+
+
 def device_and_backends():
     """(device, runnable backends): Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
-    import os
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_ok = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return device, ["reference"] + (["triton"] if triton_ok else [])

@@ -16,6 +16,8 @@ import functools
 import os
 
 import torch
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from ._dispatch import interpreting
 
@@ -37,18 +39,30 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 
     triton = tl = _NoTriton()
 
-__all__ = ["triton", "tl", "LOG2E", "interpreting", "kernel_rule", "saved", "next_power_of_2", "last_dim_contiguous",
-           "row_tiles", "reduction_chunks", "elementwise_tiles", "dot_settings", "fp32_dot_precision",
-           "FP32_DOT_PRECISIONS"]
+__all__ = ["triton", "tl", "LOG2E", "interpreting", "apply", "kernel_rule", "saved", "next_power_of_2",
+           "last_dim_contiguous", "row_tiles", "reduction_chunks", "elementwise_tiles", "dot_settings",
+           "fp32_dot_precision", "FP32_DOT_PRECISIONS"]
 
 # log2(e): kernels run exp/log in base 2 (``exp2``, one MUFU op); a constexpr so @triton.jit code may read it.
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+def apply(function, *args):
+    """``function.apply(*args)`` for the ops' autograd Functions, every argument of ``forward`` given positionally.
+
+    ``Function.apply`` binds the arguments to ``inspect.signature(forward)`` on every call (for defaults and
+    keywords): ~20 µs for 7 arguments, ~40 µs for 12 on the development machine, more than the rest of a kernel
+    op's host time (``benchmarks/bench_overhead.py``). With all arguments positional the binding
+    changes nothing, so outside ``torch.func`` transforms and ``torch.compile`` this calls the C ``apply`` that
+    ``Function.apply`` ends in, after the same dead-wrapper unwrapping; inside them ``Function.apply`` itself runs
+    (functorch and Dynamo route the call their own way)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
+
+
 def plain(t):
     """The underlying tensor of a ``torch.func`` wrapper (identity for ordinary tensors and None)."""
-    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
-
     while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
         t = get_unwrapped(t)
     return t
@@ -82,7 +96,7 @@ def next_power_of_2(n: int) -> int:
 
 def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """Kernels take explicit strides for every dim but the last, which must be unit-stride."""
-    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+    if t is None or t.stride()[-1] == 1 or t.shape[-1] == 1:
         return t
     return t.contiguous()
 
@@ -137,14 +151,21 @@ def row_tiles(C: int, S: int) -> tuple[int, int, int]:
     On a GPU a tile of ~4K fp32 values keeps every live row tensor in registers (DiT-XL's C = 1152
     pads to 2048 → 2 rows per program); the interpreter takes ~16K values per tile.
     """
+    return _row_tiles(C, S, interpreting())
+
+
+# Launch settings are looked up per launch and a model has a handful of shapes: compute each once.
+@functools.lru_cache(maxsize=1024)
+def _row_tiles(C: int, S: int, interpreting: bool) -> tuple[int, int, int]:
     BLOCK_C = max(16, next_power_of_2(C))
-    budget = 16384 if interpreting() else 4096
+    budget = 16384 if interpreting else 4096
     BLOCK_S = max(1, min(next_power_of_2(S), budget // BLOCK_C))
     values = BLOCK_S * BLOCK_C
     num_warps = 4 if values <= 1024 else 8 if values <= 2048 else 16  # ≤ 8 fp32 values per thread and tensor
     return BLOCK_S, BLOCK_C, num_warps
 
 
+@functools.lru_cache(maxsize=1024)
 def reduction_chunks(N: int, S: int, BLOCK_S: int, device: torch.device) -> tuple[int, int]:
     """(chunks, tokens_per_chunk) for backward kernels that reduce over the S tokens of a sample.
 
@@ -159,8 +180,13 @@ def reduction_chunks(N: int, S: int, BLOCK_S: int, device: torch.device) -> tupl
 
 def elementwise_tiles(M: int, C: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for row-wise elementwise kernels over an (M, C) view."""
-    budget = 16384 if interpreting() else 2048
-    BLOCK_C = max(16, min(next_power_of_2(C), 1024 if not interpreting() else 4096))
+    return _elementwise_tiles(M, C, interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _elementwise_tiles(M: int, C: int, interpreting: bool) -> tuple[int, int, int]:
+    budget = 16384 if interpreting else 2048
+    BLOCK_C = max(16, min(next_power_of_2(C), 1024 if not interpreting else 4096))
     BLOCK_M = max(1, min(next_power_of_2(M), budget // BLOCK_C))
     return BLOCK_M, BLOCK_C, 4 if BLOCK_M * BLOCK_C <= 2048 else 8
 
@@ -169,8 +195,16 @@ FP32_DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 
 def fp32_dot_precision() -> str:
-    """``tl.dot`` precision for fp32 inputs on a GPU: ``FREEFLOW_FP32_DOT`` (default ``tf32x3``)."""
-    choice = os.environ.get("FREEFLOW_FP32_DOT", "tf32x3").strip().lower() or "tf32x3"
+    """``tl.dot`` precision for fp32 inputs on a GPU: ``FREEFLOW_FP32_DOT`` (default ``tf32x3``).
+
+    Read on every fp32 launch, unlike the dispatch settings: the compile report and the per-precision attention
+    benchmark switch it within one process, and only fp32 attention pays the lookup."""
+    return _fp32_dot_precision(os.environ.get("FREEFLOW_FP32_DOT"))
+
+
+@functools.lru_cache(maxsize=16)
+def _fp32_dot_precision(value: str | None) -> str:
+    choice = (value or "").strip().lower() or "tf32x3"
     if choice not in FP32_DOT_PRECISIONS:
         raise ValueError(f"FREEFLOW_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {choice!r}")
     return choice

@@ -16,8 +16,11 @@ def check_tensor(name: str, t, *, rank: int | None = None, min_rank: int | None 
 
 
 def check_shape(name: str, t, shape) -> None:
-    check_tensor(name, t)
-    if tuple(t.shape) != tuple(shape):
+    """``shape`` is a tuple or a ``torch.Size``. Checked on every op call: the common case costs two attribute
+    reads and one comparison; ``check_tensor`` runs only to word a failure."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        check_tensor(name, t)
+    if t.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
@@ -34,6 +37,14 @@ def check_modulation(x, x_name: str, **cond) -> None:
     n, _, c = x.shape
     for name, t in cond.items():
         check_shape(name, t, (n, c))
+
+
+def check_same_dtype(x, x_name: str, pairs) -> None:
+    """Each (name, tensor) of ``pairs`` is None or has x's dtype: the kernels write their outputs in x's dtype."""
+    dtype = x.dtype
+    for name, t in pairs:
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{name} must have {x_name}'s dtype {dtype} on the Triton path, got {t.dtype}")
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:

@@ -22,8 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_inputs, use_triton
-from ._launch import LOG2E, elementwise_tiles, kernel_rule, last_dim_contiguous, reduction_chunks, saved, tl, triton
-from ._validate import accumulation_dtype, check_tangents, check_tensor
+from ._launch import (
+    LOG2E,
+    apply,
+    elementwise_tiles,
+    kernel_rule,
+    last_dim_contiguous,
+    reduction_chunks,
+    saved,
+    tl,
+    triton,
+)
+from ._validate import accumulation_dtype, check_same_dtype, check_tangents, check_tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -41,12 +51,6 @@ def _check_bias(h, bias):
             raise ValueError(f"bias must have shape ({h.shape[-1]},) to match h's last dim, got {tuple(bias.shape)}")
 
 
-def _check_bias_dtype(h, bias):
-    """The kernel writes y in h's dtype; a bias of another dtype would change the result dtype."""
-    if bias is not None and bias.dtype != h.dtype:
-        raise ValueError(f"bias must have h's dtype {h.dtype} on the Triton path, got {bias.dtype}")
-
-
 def gelu_tanh(h, *, backend=None):
     return bias_gelu(h, None, backend=backend)
 
@@ -59,6 +63,10 @@ def bias_gelu_reference(h, bias=None):
     """GELU(tanh)(h + bias)."""
     check_tensor("h", h, min_rank=1)
     _check_bias(h, bias)
+    return _bias_gelu_reference(h, bias)
+
+
+def _bias_gelu_reference(h, bias):
     return F.gelu(h if bias is None else h + bias, approximate="tanh")
 
 
@@ -67,6 +75,10 @@ def bias_gelu_jvp_reference(h, bias, th):
     check_tensor("h", h, min_rank=1)
     _check_bias(h, bias)
     check_tangents([("th", th, h)])
+    return _bias_gelu_jvp_reference(h, bias, th)
+
+
+def _bias_gelu_jvp_reference(h, bias, th):
     a = h if bias is None else h + bias
     y = F.gelu(a, approximate="tanh")
     if th is None:
@@ -167,8 +179,9 @@ def bias_gelu_forward(h, bias=None, th=None, tbias=None, *, store_y=True):
     h2, th2 = _rows(h, C), _rows(th, C)
     M = h2.shape[0]
     tangent = th is not None or tbias is not None
-    y = torch.empty((M, C), device=h.device, dtype=h.dtype) if store_y else None
-    ty = torch.empty((M, C), device=h.device, dtype=h.dtype) if tangent else None
+    # empty_like / new_empty cost 1-2 µs less per allocation than torch.empty(shape, device=, dtype=).
+    y = torch.empty_like(h2, memory_format=torch.contiguous_format) if store_y else None
+    ty = torch.empty_like(h2, memory_format=torch.contiguous_format) if tangent else None
     BLOCK_M, BLOCK_C, num_warps = elementwise_tiles(M, C)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
     _bias_gelu_fwd_kernel[grid](
@@ -176,7 +189,8 @@ def bias_gelu_forward(h, bias=None, th=None, tbias=None, *, store_y=True):
         HAS_BIAS=bias is not None, STORE_Y=store_y, HAS_TH=th is not None, HAS_TBIAS=tbias is not None,
         BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
-    return tuple(None if t is None else t.view(h.shape) for t in (y, ty))
+    shape = h.shape
+    return None if y is None else y.view(shape), None if ty is None else ty.view(shape)
 
 
 def bias_gelu_backward(dy, h, bias=None):
@@ -187,8 +201,8 @@ def bias_gelu_backward(dy, h, bias=None):
     BLOCK_M, BLOCK_C, num_warps = elementwise_tiles(M, C)
     col_blocks = triton.cdiv(C, BLOCK_C)
     chunks, rows = reduction_chunks(col_blocks, M, BLOCK_M, h.device)
-    dh = torch.empty((M, C), device=h.device, dtype=h.dtype)
-    d_bias = torch.empty((chunks, C), device=h.device, dtype=torch.float32) if bias is not None else None
+    dh = torch.empty_like(h2, memory_format=torch.contiguous_format)
+    d_bias = h2.new_empty((chunks, C), dtype=torch.float32) if bias is not None else None
     _bias_gelu_bwd_kernel[(chunks, col_blocks)](
         dy2, h2, bias, dh, d_bias, M, C, dy2.stride(0), h2.stride(0), rows,
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps,
@@ -267,9 +281,10 @@ def bias_gelu(h, bias=None, *, backend=None):
     _check_bias(h, bias)
     h, bias, _ = _autocast_bias_add(h, bias)
     if not use_triton(h, bias, backend=backend):
-        return bias_gelu_reference(h, bias)
-    _check_bias_dtype(h, bias)
-    return BiasGELUFunction.apply(h, bias)
+        return _bias_gelu_reference(h, bias)
+    # The kernel writes y in h's dtype; a bias of another dtype would change the result dtype.
+    check_same_dtype(h, "h", (("bias", bias),))
+    return apply(BiasGELUFunction, h, bias)
 
 
 def bias_gelu_jvp(h, bias, th, *, backend=None):
@@ -279,8 +294,8 @@ def bias_gelu_jvp(h, bias, th, *, backend=None):
     check_tangents([("th", th, h)])
     h, bias, th = _autocast_bias_add(h, bias, th)
     if not use_triton(h, bias, th, backend=backend):
-        return bias_gelu_jvp_reference(h, bias, th)
-    _check_bias_dtype(h, bias)
+        return _bias_gelu_jvp_reference(h, bias, th)
+    check_same_dtype(h, "h", (("bias", bias),))
     if th is None:
-        return BiasGELUFunction.apply(h, bias), None
-    return BiasGELUJVPFunction.apply(h, bias, th.detach())
+        return apply(BiasGELUFunction, h, bias), None
+    return apply(BiasGELUJVPFunction, h, bias, th.detach())

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_cast, autocast_dtype
+from ._launch import apply
 from ._validate import accumulation_dtype, check_tangents, check_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -143,12 +144,12 @@ def linear_jvp(x, tx, weight, bias=None):
         return F.linear(x, weight, bias), None
     dtype = autocast_dtype(x.device)
     if dtype is None:
-        return _DualLinear.apply(x, tx.detach(), weight, bias)
+        return apply(_DualLinear, x, tx.detach(), weight, bias)
     # What autocast does to F.linear: the GEMM in its lower precision. The casts stay outside the Function
     # so that autograd returns fp32 gradients to fp32 parameters.
     x, tx, weight, bias = (autocast_cast(a, dtype) for a in (x, tx.detach(), weight, bias))
     with torch.autocast(x.device.type, enabled=False):
-        return _DualLinear.apply(x, tx, weight, bias)
+        return apply(_DualLinear, x, tx, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch.autograd.forward_ad as fwAD
 from checks import make_check
 
 import freeflow.kernels as K
+from freeflow.kernels._dispatch import refresh_settings
 from freeflow.kernels.adaln import (
     adaln_modulate_jvp_reference,
     adaln_modulate_reference,
@@ -115,10 +116,21 @@ def test_dispatch_and_validation(device, monkeypatch):
         K.adaln_modulate_jvp(x, shift, scale, None, None, scale[:1], backend=T)
     with pytest.raises(ValueError, match="backend"):
         K.adaln_modulate(x, shift, scale, backend="cuda")
-    monkeypatch.setenv("FREEFLOW_KERNELS", "reference")
-    assert not K.use_triton(x)
-    monkeypatch.setenv("FREEFLOW_KERNELS", "auto")
-    assert K.use_triton(x)  # CUDA tensors, or CPU tensors + TRITON_INTERPRET=1
+    # Dispatch reads FREEFLOW_KERNELS at import and on refresh_settings(), not on every op call.
+    try:
+        monkeypatch.setenv("FREEFLOW_KERNELS", "reference")
+        refresh_settings()
+        assert not K.use_triton(x)
+        monkeypatch.setenv("FREEFLOW_KERNELS", "auto")
+        refresh_settings()
+        assert K.use_triton(x)  # CUDA tensors, or CPU tensors + TRITON_INTERPRET=1
+        monkeypatch.setenv("FREEFLOW_KERNELS", "cuda")
+        refresh_settings()  # a bad value fails the op calls that need it, naming the variable
+        with pytest.raises(ValueError, match="FREEFLOW_KERNELS must be one of"):
+            K.adaln_modulate(x, shift, scale)
+    finally:
+        monkeypatch.undo()
+        refresh_settings()  # leave no cached setting behind for the next test
 
 
 # ---- gated residual (+ LayerNorm + modulate)
