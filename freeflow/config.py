@@ -64,6 +64,12 @@ class TrainConfig:
     least 1 (torch's default where OMP_NUM_THREADS is set, as torchrun does)."""
     backend: str = "auto"
     """Kernels: "auto" (Triton on CUDA), "reference" or "triton"."""
+    compile: bool = False
+    """torch.compile the networks: the student's forward with its tangent and its plain forward, the aux network
+    and the teacher (compiled on first use; the compile time is logged once)."""
+    compile_mode: str = "default"
+    """With --compile: "default", "reduce-overhead" (CUDA graphs), "max-autotune", or "aot_eager" (graphs captured
+    and run without Inductor's code generation: checks that everything traces, quickly)."""
     log_every: int = 10
     """Steps between rows of metrics.jsonl (and TensorBoard / W&B)."""
     ckpt_every: int = 200
@@ -104,10 +110,14 @@ class TrainConfig:
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("aux", self.aux, ("full", "lora"))
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         check_backend(self.backend, "--backend")
         _choice("teacher_family", self.teacher_family, ("", "sit", "repa", "freeflow", "internal"))
         if PRESETS[self.preset].get("needs_teacher_ckpt") and not self.teacher_ckpt:
             raise ValueError(f"--preset {self.preset} needs --teacher-ckpt PATH (an official checkpoint file)")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "aot_eager")
 
 
 def _flag(name):

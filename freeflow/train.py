@@ -198,6 +198,17 @@ def build_parts(cfg: TrainConfig, dcfg: DistillConfig, teacher: DiT, device, *, 
     return Parts(teacher, adapter, student, ema, aux, student_params, aux_params, opt, aux_opt, distiller, generator)
 
 
+def compile_networks(parts: Parts, mode: str):
+    """``--compile``: the student's ``forward`` and explicit-tangent ``forward_jvp``, the aux network and the
+    teacher go through torch.compile (after the EMA copy is made: it stays an eager module). The compiled
+    callables replace the modules' call paths in place; parameters and state dicts are the same objects."""
+    kw = dict(backend="aot_eager") if mode == "aot_eager" else dict(mode=mode)
+    net = parts.student.net
+    net.forward_jvp = torch.compile(net.forward_jvp, **kw)  # forward() calls forward_jvp: one graph family
+    for module in (parts.aux.net, parts.teacher):
+        module.compile(**kw)
+
+
 def train_step(parts: Parts, cfg: TrainConfig, step: int, *, world: int = 1, shard=None, reduce=None,
                ckpts: CheckpointDir | None = None) -> tuple[dict, torch.Tensor]:
     """One optimizer step of the student and the aux network (losses → backward → all-reduce → clip → step →
@@ -232,6 +243,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     num_classes = tcfg.num_classes
     shape = (tcfg.in_channels, *(tcfg.grid[i] * tcfg.patch_size for i in range(2)))
     parts = build_parts(cfg, dcfg, teacher, device)
+    if cfg.compile:
+        compile_networks(parts, cfg.compile_mode)
     student, ema, aux, adapter = parts.student, parts.ema, parts.aux, parts.adapter
     opt, aux_opt, generator = parts.opt, parts.aux_opt, parts.generator
 
@@ -265,10 +278,15 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
 
     # -- loop ------------------------------------------------------------------------------------
     bar = progress(cfg.steps, step, procs.main)
+    start_step = step
     t_last, steps_since = time.time(), 0
     while step < cfg.steps:
+        t_step = time.time()
         out, grad_norm = train_step(parts, cfg, step + 1, world=procs.world, shard=shard, reduce=reduce,
                                     ckpts=ckpts)
+        if cfg.compile and procs.main and step == start_step:
+            print(f"[freeflow] first step with torch.compile ({cfg.compile_mode}): {time.time() - t_step:.1f} s "
+                  "(tracing and compiling the networks)", file=sys.stderr)
         step += 1
         steps_since += 1
         bar.update(1)

@@ -57,13 +57,20 @@ def _student(out):
     return load_checkpoint(os.path.join(out, "student_ema.pt"), backend="reference").state_dict()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision):
-    """Also under bf16 autocast (CPU autocast here): the checkpoint holds fp32 master state, so it replays."""
+# --compile with aot_eager: the graphs are captured and run as traced, without Inductor's minute of code generation
+COMPILED_LORA = ["--compile", "--compile-mode", "aot_eager", "--aux", "lora", "--lora-rank", "4"]
+
+
+@pytest.mark.parametrize("precision, flags", [("fp32", []), ("bf16", []), ("fp32", COMPILED_LORA)],
+                         ids=["fp32", "bf16", "compiled-lora"])
+def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision, flags):
+    """Also under bf16 autocast (CPU autocast here: the checkpoint holds fp32 master state) and with compiled
+    networks and a LoRA aux (the checkpoint holds only the adapters and their optimizer)."""
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(*_args(teacher_path, full, 6, precision=precision))
-    _train(*_args(teacher_path, split, 3, precision=precision))
-    _train(*_args(teacher_path, split, 6, precision=precision))
+    first = _train(*_args(teacher_path, full, 6, precision=precision), *flags)
+    assert ("first step with torch.compile (aot_eager)" in first.stderr) == ("--compile" in flags)
+    _train(*_args(teacher_path, split, 3, precision=precision), *flags)
+    _train(*_args(teacher_path, split, 6, precision=precision), *flags)
     a, b = _metrics(full), _metrics(split)
     assert sorted(b) == list(range(1, 7))
     assert _losses(a, range(1, 7)) == _losses(b, range(1, 7))  # bit-exact on the CPU
@@ -125,10 +132,11 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(teacher_path, tmp_pa
     assert not (out / "checkpoints" / "step_0000006.pt").exists()
 
 
-def test_two_process_ddp_equals_one_process(teacher_path, tmp_path):
+@pytest.mark.parametrize("flags", [[], COMPILED_LORA], ids=["eager-full", "compiled-lora"])
+def test_two_process_ddp_equals_one_process(teacher_path, tmp_path, flags):
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(*_args(teacher_path, one, 3))
-    _train(*_args(teacher_path, two, 3),
+    _train(*_args(teacher_path, one, 3), *flags)
+    _train(*_args(teacher_path, two, 3), *flags,
            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                      "-m", "freeflow.train"), env={"OMP_NUM_THREADS": "1"})
     sa, sb = _student(one), _student(two)
