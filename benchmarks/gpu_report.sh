@@ -244,7 +244,7 @@ for size in B/2 XL/2; do
   if [ ! -f benchmarks/bench_step.py ]; then
     missing "$stage" "benchmarks/bench_step.py does not exist in this tree"
   elif budget "$stage"; then
-    variants=(toolkit plain reference compiled)
+    variants=(toolkit plain toolkit_compiled reference compiled)
     [ "$size" = B/2 ] && variants=(toolkit plain reference)
     run "$stage" TERM "$PY" benchmarks/bench_step.py --size "$size" --variants "${variants[@]}" --largest-batch \
       --time-budget "$(inner)" \
