@@ -91,8 +91,11 @@ def _rename_official(sd: dict, notes: list[str]) -> dict:
 
 
 def infer_family(sd: dict, args) -> str:
+    """The checkpoint family from the keys as the file holds them (before ``_rename_official`` drops REPA's
+    projectors or renames its legacy decoder blocks) and the training args."""
     keys = sd.keys()
-    if any(k.startswith("projectors.") for k in keys) or (args is not None and hasattr(args, "enc_type")):
+    if (any(k.startswith(("projectors.", "decoder_blocks.")) for k in keys)
+            or (args is not None and hasattr(args, "enc_type"))):
         return "repa"
     if any(".projs." in k or k.startswith(("dt_embedder.", "gw_embedder.")) for k in keys):
         return "freeflow"
@@ -169,13 +172,13 @@ def load_checkpoint(path: str, family: str | None = None, *, backend: str | None
         raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
     sd, args, meta = _unwrap(_read(path, weights_only))
     notes: list[str] = []
-    sd = _rename_official(_strip_prefixes(sd), notes)
+    sd = _strip_prefixes(sd)
+    family = family or (meta["family"] if meta is not None else infer_family(sd, args))
+    sd = _rename_official(sd, notes)
     if meta is not None:
         config = DiTConfig(**{**meta["config"], **config_overrides})
-        family = family or meta["family"]
     else:
         config = infer_config(sd, **config_overrides)
-        family = family or infer_family(sd, args)
     model = DiT(config, family=family, backend=backend)
     check_state_dict(model, sd, source=f"checkpoint {path!r}")
     model.load_state_dict(sd, strict=True)

@@ -153,3 +153,15 @@ def test_non_square_checkpoint_needs_input_size(tmp_path):
     torch.save(sd, path)
     with pytest.raises(ValueError, match="pass input_size="):
         load_checkpoint(str(path), num_heads=4)
+
+
+@pytest.mark.parametrize("layout", ["projectors", "legacy_decoder_blocks"])
+def test_repa_plain_state_dict_is_recognised_before_its_keys_are_renamed(tmp_path, layout):
+    """REPA's released SiT-XL/2 is a plain state dict (its generate.py loads it straight into the model): the
+    projector heads, or the legacy decoder_blocks, are what say REPA, and loading drops / renames them."""
+    sd = official_state_dict(**ARCH, learn_sigma=False, projector=layout == "projectors", seed=7)
+    if layout == "legacy_decoder_blocks":
+        sd = {k.replace("blocks.1.", "decoder_blocks.0."): v for k, v in sd.items()}
+    path = tmp_path / "last.pt"
+    torch.save(sd, path)
+    assert load_checkpoint(str(path), num_heads=4).family == "repa"
