@@ -6,6 +6,8 @@ function dispatches (CUDA → Triton, CPU → reference unless ``TRITON_INTERPRE
 ``(out, out_tangent)``: ``out`` carries autograd, ``out_tangent`` is detached (tangents are
 stop-gradient in FreeFlow's objectives). Tangent arguments may be ``None`` (zero); a returned tangent is
 ``None`` only when it is zero by structure (every input tangent it depends on was ``None``).
+The Triton ops are autograd Functions with ``jvp`` rules (``torch.func``, ``forward_ad``) and, for
+``torch.compile``, ``freeflow::`` torch.library custom ops (``_library``), which they call while compiling.
 
 Modules, one op family each: ``flash_attention`` (JVP flash attention), ``adaln`` (modulate, gated
 residual and the fused seam), ``gelu`` (bias + GELU), ``tangent_ops`` (LayerNorm, linear, SiLU, timestep

@@ -21,8 +21,15 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 
-@functools.cache
+# Dynamo takes the result as a constant: traced through functools.cache, it warns (once per process) that the
+# cache is ignored.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
+    return _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError, or a broken install on an unsupported platform

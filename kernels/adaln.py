@@ -30,7 +30,9 @@ reduces d_a = Σ dx'·h per sample next to d_shift, d_scale.
 
 Autograd. ``AdaLNFunction`` (primal; its ``jvp`` rule runs the fused kernel, so ``torch.func.jvp``
 and ``forward_ad`` work) and ``AdaLNJVPFunction`` (primal and tangents in one launch; tangents are
-non-differentiable outputs) share the backward. Both are in ``setup_context`` style.
+non-differentiable outputs) share the backward. Both are in ``setup_context`` style. Under
+``torch.compile`` (and other tracers) the public ops call the ``freeflow::`` custom ops defined below instead
+(``_library``: Dynamo cannot trace a Function with ``jvp``); they run the same launch wrappers.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._launch import apply, kernel_rule, last_dim_contiguous, reduction_chunks, row_tiles, saved, tl, triton
+from ._library import absent, define_op, input_grads, use_library_op
 from ._validate import (
     check_modulation,
     check_same_dtype,
@@ -410,6 +413,195 @@ def _backward(ctx, grads):
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.library ops (``_library``): what torch.compile traces; the public ops call them while compiling.
+# Same launch wrappers as the Functions above; the backward ops are split by mode so that every output exists
+# (the residual-only backward passes g_x' straight through as dx, which an op may not return).
+# ----------------------------------------------------------------------------------------------
+
+
+def _fresh(x):
+    """A fake of a launch wrapper's output shaped like ``x``: the wrappers allocate contiguous outputs."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _stats(x):
+    return x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+def _per_sample(ref, like):
+    """A fake (N, C) reduction of ``ref`` (N, S, C), in ``like``'s dtype (``adaln_backward``'s casts)."""
+    return like.new_empty((ref.shape[0], ref.shape[2]))
+
+
+def _modulate_impl(x, shift, scale, eps):
+    _, y, mean, rstd, _, _ = adaln_forward(x, shift, scale, eps)
+    return y, mean, rstd
+
+
+def _modulate_fake(x, shift, scale, eps):
+    return _fresh(x), _stats(x), _stats(x)
+
+
+def _modulate_jvp_impl(x, shift, scale, tx, tshift, tscale, eps):
+    _, y, mean, rstd, _, ty = adaln_forward(x, shift, scale, eps, tx=tx, tshift=tshift, tscale=tscale)
+    return y, mean, rstd, absent(x) if ty is None else ty
+
+
+def _modulate_jvp_fake(x, shift, scale, tx, tshift, tscale, eps):
+    tangent = tx is not None or tshift is not None or tscale is not None
+    return _fresh(x), _stats(x), _stats(x), _fresh(x) if tangent else absent(x)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, _, scale = inputs[:3]
+    _, mean, rstd = output[:3]
+    ctx.save_for_backward(x, mean, rstd, scale)
+    ctx.mark_non_differentiable(*output[1:])  # μ, 1/σ and (jvp op) the tangent
+    ctx.set_materialize_grads(False)  # as in the Functions: unused outputs must not cost zero-fill launches
+
+
+def _modulate_grads(ctx, dy, *_):
+    if dy is None:
+        return input_grads(ctx)
+    dx, d_shift, d_scale = _modulate_backward_op(dy, *ctx.saved_tensors)
+    return input_grads(ctx, dx, d_shift, d_scale)
+
+
+def _modulate_backward_impl(dy, x, mean, rstd, scale):
+    dx, _, _, d_shift, d_scale = adaln_backward(dy, None, x, mean, rstd, scale)
+    return dx, d_shift, d_scale
+
+
+def _modulate_backward_fake(dy, x, mean, rstd, scale):
+    return _fresh(x), _per_sample(x, scale), _per_sample(x, scale)
+
+
+def _residual_impl(x, gate, h):
+    return adaln_forward(x, gate=gate, h=h, norm=False)[0]
+
+
+def _residual_fake(x, gate, h):
+    return _fresh(x)
+
+
+def _residual_jvp_impl(x, gate, h, tx, tgate, th):
+    x_out, _, _, _, tx_out, _ = adaln_forward(x, gate=gate, h=h, tx=tx, tgate=tgate, th=th, norm=False)
+    return x_out, absent(x) if tx_out is None else tx_out
+
+
+def _residual_jvp_fake(x, gate, h, tx, tgate, th):
+    return _fresh(x), _fresh(x) if tx is not None or tgate is not None or th is not None else absent(x)
+
+
+def _residual_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:3])  # gate, h
+    if isinstance(output, tuple):
+        ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _residual_grads(ctx, dx_out, *_):
+    if dx_out is None:
+        return input_grads(ctx)
+    dh, d_gate = _residual_backward_op(dx_out, *ctx.saved_tensors)
+    return input_grads(ctx, dx_out, d_gate, dh)
+
+
+def _residual_backward_impl(dx_out, gate, h):
+    _, dh, d_gate, _, _ = adaln_backward(None, dx_out, None, None, None, None, gate, h, norm=False)
+    return dh, d_gate
+
+
+def _residual_backward_fake(dx_out, gate, h):
+    return _fresh(h), _per_sample(h, gate)
+
+
+def _seam_impl(x, gate, h, shift, scale, eps):
+    x_out, y, mean, rstd, _, _ = adaln_forward(x, shift, scale, eps, gate, h)
+    return x_out, y, mean, rstd
+
+
+def _seam_fake(x, gate, h, shift, scale, eps):
+    return _fresh(x), _fresh(x), _stats(x), _stats(x)
+
+
+def _seam_jvp_impl(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps):
+    x_out, y, mean, rstd, tx_out, ty = adaln_forward(x, shift, scale, eps, gate, h, tx, tgate, th, tshift, tscale)
+    return (x_out, y, mean, rstd, absent(x) if tx_out is None else tx_out, absent(x) if ty is None else ty)
+
+
+def _seam_jvp_fake(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps):
+    tangent_x = tx is not None or tgate is not None or th is not None
+    tangent_y = tangent_x or tshift is not None or tscale is not None
+    return (_fresh(x), _fresh(x), _stats(x), _stats(x), _fresh(x) if tangent_x else absent(x),
+            _fresh(x) if tangent_y else absent(x))
+
+
+def _seam_setup(ctx, inputs, output):
+    _, gate, h, _, scale = inputs[:5]
+    x_out, _, mean, rstd = output[:4]
+    # The backward normalises x' (an output) with the saved statistics.
+    ctx.save_for_backward(x_out, mean, rstd, scale, gate, h)
+    ctx.mark_non_differentiable(*output[2:])  # μ, 1/σ and (jvp op) the tangents
+    ctx.set_materialize_grads(False)
+
+
+def _seam_grads(ctx, dx_out, dy, *_):
+    xn, mean, rstd, scale, gate, h = ctx.saved_tensors
+    if dy is None:  # y unused: only the residual stream carries gradient
+        if dx_out is None:
+            return input_grads(ctx)
+        dh, d_gate = _residual_backward_op(dx_out, gate, h)
+        return input_grads(ctx, dx_out, d_gate, dh)
+    dx, dh, d_gate, d_shift, d_scale = _seam_backward_op(dy, dx_out, xn, mean, rstd, scale, gate, h)
+    return input_grads(ctx, dx, d_gate, dh, d_shift, d_scale)
+
+
+def _seam_backward_impl(dy, dx_out, xn, mean, rstd, scale, gate, h):
+    return adaln_backward(dy, dx_out, xn, mean, rstd, scale, gate, h)
+
+
+def _seam_backward_fake(dy, dx_out, xn, mean, rstd, scale, gate, h):
+    return _fresh(xn), _fresh(h), _per_sample(xn, gate), _per_sample(xn, scale), _per_sample(xn, scale)
+
+
+_modulate_backward_op = define_op(
+    "adaln_modulate_backward",
+    "(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor scale) -> (Tensor, Tensor, Tensor)",
+    _modulate_backward_impl, _modulate_backward_fake)
+_modulate_op = define_op(
+    "adaln_modulate", "(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)",
+    _modulate_impl, _modulate_fake, backward=_modulate_grads, setup_context=_modulate_setup)
+_modulate_jvp_op = define_op(
+    "adaln_modulate_jvp", "(Tensor x, Tensor shift, Tensor scale, Tensor? tx, Tensor? tshift, Tensor? tscale, "
+    "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    _modulate_jvp_impl, _modulate_jvp_fake, backward=_modulate_grads, setup_context=_modulate_setup)
+_residual_backward_op = define_op(
+    "gated_residual_backward", "(Tensor dx_out, Tensor gate, Tensor h) -> (Tensor, Tensor)",
+    _residual_backward_impl, _residual_backward_fake)
+_residual_op = define_op(
+    "gated_residual", "(Tensor x, Tensor gate, Tensor h) -> Tensor",
+    _residual_impl, _residual_fake, backward=_residual_grads, setup_context=_residual_setup)
+_residual_jvp_op = define_op(
+    "gated_residual_jvp",
+    "(Tensor x, Tensor gate, Tensor h, Tensor? tx, Tensor? tgate, Tensor? th) -> (Tensor, Tensor)",
+    _residual_jvp_impl, _residual_jvp_fake, backward=_residual_grads, setup_context=_residual_setup)
+_seam_backward_op = define_op(
+    "gated_residual_modulate_backward", "(Tensor dy, Tensor? dx_out, Tensor xn, Tensor mean, Tensor rstd, "
+    "Tensor scale, Tensor gate, Tensor h) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _seam_backward_impl, _seam_backward_fake)
+_seam_op = define_op(
+    "gated_residual_modulate", "(Tensor x, Tensor gate, Tensor h, Tensor shift, Tensor scale, float eps) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _seam_impl, _seam_fake, backward=_seam_grads, setup_context=_seam_setup)
+_seam_jvp_op = define_op(
+    "gated_residual_modulate_jvp", "(Tensor x, Tensor gate, Tensor h, Tensor shift, Tensor scale, Tensor? tx, "
+    "Tensor? tgate, Tensor? th, Tensor? tshift, Tensor? tscale, float eps) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _seam_jvp_impl, _seam_jvp_fake, backward=_seam_grads, setup_context=_seam_setup)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public ops. Each validates its arguments once, then dispatches; the private entries below take
 # arguments their caller has already checked.
 # ----------------------------------------------------------------------------------------------
@@ -439,10 +631,15 @@ def _check_seam(x, gate, h, shift, scale):
 
 
 def _modulate_triton(x, shift, scale, eps):
+    if use_library_op():
+        return _modulate_op(x, shift, scale, eps)[0]
     return apply(AdaLNFunction, x, None, None, shift, scale, eps, True)[0]
 
 
 def _modulate_jvp_triton(x, shift, scale, tx, tshift, tscale, eps):
+    if use_library_op():
+        y, _, _, ty = _modulate_jvp_op(x, shift, scale, tx, tshift, tscale, eps)
+        return y, ty
     y, _, _, ty = apply(AdaLNJVPFunction, x, None, None, shift, scale, detached(tx), None, None, detached(tshift),
                         detached(tscale), eps, True)
     return y, ty
@@ -534,10 +731,15 @@ def _seam_jvp_reference(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale,
 
 
 def _residual_triton(x, gate, h):
+    if use_library_op():
+        return _residual_op(x, gate, h)
     return apply(AdaLNFunction, x, gate, h, None, None, 1e-6, False)[0]
 
 
 def _seam_triton(x, gate, h, shift, scale, eps):
+    if use_library_op():
+        x_new, y, _, _ = _seam_op(x, gate, h, shift, scale, eps)
+        return x_new, y
     x_new, y, _, _ = apply(AdaLNFunction, x, gate, h, shift, scale, eps, True)
     return x_new, y
 
@@ -560,6 +762,9 @@ def gated_residual_jvp(x, gate, h, tx, tgate, th, *, backend=None):
     check_same_dtype(x, "x", (("gate", gate), ("h", h), ("tx", tx), ("tgate", tgate), ("th", th)))
     if tx is None and tgate is None and th is None:
         return _residual_triton(x, gate, h), None
+    if use_library_op():
+        x_new, tx_new = _residual_jvp_op(x, gate, h, tx, tgate, th)
+        return x_new, tx_new
     x_new, tx_new = apply(AdaLNJVPFunction, x, gate, h, None, None, detached(tx), detached(tgate), detached(th),
                           None, None, 1e-6, False)
     return x_new, tx_new
@@ -587,6 +792,9 @@ def gated_residual_modulate_jvp(x, gate, h, shift, scale, tx, tgate, th, tshift,
     tangent_x = tx is not None or tgate is not None or th is not None
     if not tangent_x and tshift is None and tscale is None:
         return (*_seam_triton(x, gate, h, shift, scale, eps), None, None)
+    if use_library_op():
+        x_new, y, _, _, tx_new, ty = _seam_jvp_op(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale, eps)
+        return x_new, y, tx_new if tangent_x else None, ty
     x_new, y, _, _, *tangents = apply(AdaLNJVPFunction, x, gate, h, shift, scale, detached(tx), detached(tgate),
                                       detached(th), detached(tshift), detached(tscale), eps, True)
     tx_new = tangents.pop(0) if tangent_x else None

@@ -12,7 +12,8 @@ the tangent flags) g'(a)·(ḣ + ḃ) in fp32 from one read of h; tanh is formed
 libdevice, so it runs in the interpreter too). The backward kernel recomputes g'(a) from the saved
 pre-activation h (nothing else is saved: 0 extra bytes) and reduces d_bias over rows into per-chunk
 fp32 partials (no atomics), finished by one torch sum. Autograd: ``BiasGELUFunction`` (primal; its
-``jvp`` rule launches the tangent-only variant) and ``BiasGELUJVPFunction`` (both in one launch).
+``jvp`` rule launches the tangent-only variant) and ``BiasGELUJVPFunction`` (both in one launch); under
+``torch.compile`` the custom ops ``freeflow::bias_gelu`` / ``freeflow::bias_gelu_jvp`` (``_library``) instead.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ._launch import (
     tl,
     triton,
 )
+from ._library import absent, define_op, input_grads, use_library_op
 from ._validate import accumulation_dtype, check_same_dtype, check_tangents, check_tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -267,6 +269,67 @@ def _backward(ctx, dy):
     return dh if ctx.needs_input_grad[0] else None, d_bias if ctx.needs_input_grad[1] else None
 
 
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (``_library``): what torch.compile traces; the public ops call them while compiling.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fresh(h):
+    """A fake of a launch wrapper's output shaped like ``h``: the wrappers allocate contiguous outputs."""
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def _bias_gelu_impl(h, bias):
+    return bias_gelu_forward(h, bias)[0]
+
+
+def _bias_gelu_fake(h, bias):
+    return _fresh(h)
+
+
+def _bias_gelu_jvp_impl(h, bias, th):
+    return bias_gelu_forward(h, bias, th)
+
+
+def _bias_gelu_jvp_fake(h, bias, th):
+    return _fresh(h), _fresh(h)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])  # h, bias
+    if isinstance(output, tuple):
+        ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _bias_gelu_grads(ctx, dy, *_):
+    if dy is None:
+        return input_grads(ctx)
+    h, bias = ctx.saved_tensors
+    dh, d_bias = _bias_gelu_backward_op(dy, h, bias)
+    return input_grads(ctx, dh, None if bias is None else d_bias)
+
+
+def _bias_gelu_backward_impl(dy, h, bias):
+    dh, d_bias = bias_gelu_backward(dy, h, bias)
+    return dh, absent(h) if d_bias is None else d_bias
+
+
+def _bias_gelu_backward_fake(dy, h, bias):
+    return _fresh(h), absent(h) if bias is None else bias.new_empty(bias.shape)
+
+
+_bias_gelu_backward_op = define_op(
+    "bias_gelu_backward", "(Tensor dy, Tensor h, Tensor? bias) -> (Tensor, Tensor)",
+    _bias_gelu_backward_impl, _bias_gelu_backward_fake)
+_bias_gelu_op = define_op(
+    "bias_gelu", "(Tensor h, Tensor? bias) -> Tensor",
+    _bias_gelu_impl, _bias_gelu_fake, backward=_bias_gelu_grads, setup_context=_bias_gelu_setup)
+_bias_gelu_jvp_op = define_op(
+    "bias_gelu_jvp", "(Tensor h, Tensor? bias, Tensor th) -> (Tensor, Tensor)",
+    _bias_gelu_jvp_impl, _bias_gelu_jvp_fake, backward=_bias_gelu_grads, setup_context=_bias_gelu_setup)
+
+
 def _autocast_bias_add(h, bias, th=None):
     """Under autocast, h + bias is the bias add of the Linear before it, so h, bias (and ḣ) take the
     autocast dtype as ``F.linear(x, W, bias)`` would; without a bias the op is elementwise and keeps h's dtype."""
@@ -284,6 +347,8 @@ def bias_gelu(h, bias=None, *, backend=None):
         return _bias_gelu_reference(h, bias)
     # The kernel writes y in h's dtype; a bias of another dtype would change the result dtype.
     check_same_dtype(h, "h", (("bias", bias),))
+    if use_library_op():
+        return _bias_gelu_op(h, bias)
     return apply(BiasGELUFunction, h, bias)
 
 
@@ -297,5 +362,8 @@ def bias_gelu_jvp(h, bias, th, *, backend=None):
         return _bias_gelu_jvp_reference(h, bias, th)
     check_same_dtype(h, "h", (("bias", bias),))
     if th is None:
-        return apply(BiasGELUFunction, h, bias), None
+        return (_bias_gelu_op(h, bias) if use_library_op() else apply(BiasGELUFunction, h, bias)), None
+    if use_library_op():
+        y, ty = _bias_gelu_jvp_op(h, bias, th)
+        return y, ty
     return apply(BiasGELUJVPFunction, h, bias, th.detach())
