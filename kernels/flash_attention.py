@@ -14,8 +14,8 @@ Kernel design (JVP flash attention). One forward kernel family; the constexpr fl
 into the scale, ``exp2``), keeping besides the usual running max m, l = Σ e^{s-m} and Σ e^{s-m} v
 the three tangent accumulators of docs/design.md §4 — μ = Σ e^{s-m} ṡ, Σ e^{s-m} ṡ v and Σ e^{s-m} v̇ — all
 rescaled by the same factor. At the end O = acc/l and Ȯ = Σṡv/l - (μ/l)·O + Σv̇/l; the row
-log-sum-exp (log2 units) is stored for the backward. P is never materialised: ~3× the primal FLOPs
-for (O, Ȯ) in one pass, 4 bytes/query saved for backward besides Q, K, V, O.
+log-sum-exp (log2 units) is stored for the Triton and flash-attn backwards. P is never materialised: ~3×
+the primal FLOPs for (O, Ȯ) in one pass.
 A head dim that is not a power of two is padded to one and masked, or, in the configs whose
 ``SPLIT_QK`` / ``SPLIT_V`` allow it (``_configs``), runs as two power-of-two column chunks
 (``head_chunks``: DiT-XL's 72 as 64 + 16, not one tile of 128): every head-dim product is then one
@@ -23,11 +23,24 @@ A head dim that is not a power of two is padded to one and masked, or, in the co
 80 columns instead of 128. Any sequence length works by masking keys (s = -inf) and query rows.
 Products run on the tensor cores in fp16/bf16 with fp32 accumulation; fp32 inputs take the precision
 of ``FREEFLOW_FP32_DOT`` (default three-pass TF32); in the interpreter everything is fp32 (IEEE).
-The backward is the standard flash backward for the primal only (tangents are stop-gradient): a
-preprocess kernel forms Δ = rowsum(dO ⊙ O), one kernel owns a key block (dK, dV) and one a query
-block (dQ), so nothing needs atomics. Autotune configs target A100/H100; the interpreter runs the
-first. Autograd: ``AttentionFunction`` (its ``jvp`` rule launches the tangent variant, so
-``torch.func.jvp`` / ``forward_ad`` work) and ``AttentionJVPFunction`` (O and Ȯ in one launch).
+The backward is for the primal only (tangents are stop-gradient) and is chosen when the forward runs
+(``backward_impl``, ``FREEFLOW_ATTENTION_BWD``): on CUDA by default SDPA's own backward, after recomputing O
+with SDPA from the saved q, k, v (``sdpa_backward``: O and LSE are then not saved); optionally flash-attn 2.x's
+backward kernel fed our O and LSE (``flash_attn_backward``, guarded: an unknown signature, an exception or
+first gradients that differ from SDPA's fall back to SDPA with a warning); or ours, the default in the
+interpreter: a preprocess kernel forms Δ = rowsum(dO ⊙ O), one kernel owns a key block (dK, dV) and one a
+query block (dQ), so nothing needs atomics. Autotune configs target A100/H100 (``_FWD_CONFIGS``: the compile
+report's clean tiles up to 128×64, with and without the head-dim split where both compile clean; the pruning
+estimate ``_fwd_footprint`` is calibrated on that report); the interpreter runs the first. Autograd:
+``AttentionFunction`` (its ``jvp`` rule launches the tangent variant, so ``torch.func.jvp`` / ``forward_ad``
+work) and ``AttentionJVPFunction`` (O and Ȯ in one launch).
+
+Dispatch (``attention``, ``attention_jvp``; docs/kernels.md, "Dispatch"): the reference off the Triton path;
+with no tangent on CUDA, SDPA (``primal_impl``); with a tangent, the JVP kernel or the reference as
+``tangent_impl`` decides from GPU timings — the kernel is never picked where it was measured slower than the
+eager reference (fp32 on CUDA: the reference). ``FREEFLOW_ATTENTION``, ``FREEFLOW_ATTENTION_BWD`` and
+``FREEFLOW_ATTENTION_JVP`` are read once (``settings``; ``refresh_settings`` re-reads, ``use_settings``
+overrides for a block).
 """
 from __future__ import annotations
 
@@ -107,28 +120,36 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
 def _configs(pairs, rows="BLOCK_M", split_qk_always=False):
     """Autotune configs for A100/H100; the interpreter runs the first only (no GPU to time on).
 
+    Each entry is (BLOCK_M, BLOCK_N, num_warps, num_stages) and optionally the head dims the config keeps
+    padded to a power of two ("qk", "v" or "qkv") where the rule below would split them.
+
     ``SPLIT_QK`` / ``SPLIT_V``: whether a head dim that allows it (72 → 64 + 16) runs as two chunks with this
     config, q/k's and v's. An output chunk 16 wide makes Triton's Ampere MMA layout put every warp along the
     rows, which replicates the work of a block with fewer than 16 rows per warp (16×32, 4 warps: 2.5× the MMA
     instructions, 832 B spilled against 16 B in fp32). So a head dim that is a product's output (v's in the
     forward, both in the backward) splits only where the warps tile the ``rows`` of the owned block 16 rows
     each (the usual flash layout); q/k's head dim is only ever summed over in the forward, so it can always
-    split there (``split_qk_always``)."""
-    def config(m, n, w, st):
+    split there (``split_qk_always``). Which layout is faster is for the GPU to time: where the compile report
+    shows both clean, both variants are listed."""
+    def config(m, n, w, st, padded=""):
         tiled = (m, n)[rows == "BLOCK_N"] >= 16 * w
-        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT_QK": tiled or split_qk_always, "SPLIT_V": tiled},
-                             num_warps=w, num_stages=st)
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n,
+                              "SPLIT_QK": (tiled or split_qk_always) and "qk" not in padded,
+                              "SPLIT_V": tiled and "v" not in padded}, num_warps=w, num_stages=st)
     configs = [config(*p) for p in pairs]
     return configs[:1] if interpreting() else configs
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The tangent variants keep a second [BLOCK_M, BLOCK_DV] fp32
-# accumulator and ṡ next to s, so they need the 8-warp and the small tiles; pruning keeps per flag set only
-# the configs whose registers and shared memory fit (``_prune_fwd``), the compile report proves it.
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
-                         (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
-                         (64, 32, 8, 1), (32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 16, 8, 2)],
-                        split_qk_always=True)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, padded]). The first is the interpreter's: it runs every shape. The
+# tangent variants keep a second [BLOCK_M, BLOCK_DV] fp32 accumulator and ṡ next to s; pruning keeps per flag set
+# only the configs whose estimated registers and shared memory fit (``_pruner``), the compile report checks it
+# (docs/kernels.md, "Forward configs"). The largest clean tangent tiles: 128×64 with 8 warps at head dim 64 (both
+# archs); 128×32 and 128×16 with 8 warps at 72 on sm_90; 64×16 with 4 warps and q/k padded at 72 on both.
+_FWD_TILES = [(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+              (128, 32, 8, 3), (128, 16, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 3, "qkv"), (64, 16, 4, 3),
+              (64, 16, 4, 3, "qk"), (32, 64, 4, 3), (32, 32, 4, 2), (32, 32, 4, 2, "qk"), (64, 32, 8, 1),
+              (32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 16, 8, 2)]
+_FWD_CONFIGS = _configs(_FWD_TILES, split_qk_always=True)
 _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2),
                           (32, 64, 8, 2), (32, 32, 4, 2)], rows="BLOCK_N")
 _DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
@@ -136,9 +157,12 @@ _DQ_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64
 _BWD_KEY = ["S_q", "S_k", "HEAD_D", "HEAD_D2", "HEAD_DV", "HEAD_DV2", "UPCAST", "PRECISION"]
 _FWD_KEY = _BWD_KEY + ["HAS_TQ", "HAS_TK", "HAS_TV"]
 # Estimated live values per thread (``_fwd_footprint``/``_bwd_footprint``) above which a config is pruned.
-# Calibrated on the compile report (python -m freeflow.kernels.aot): the tangent forward's extra dots and
-# operands cost more than the estimate counts, so its budget is lower.
-_REG_BUDGET = {"fwd": 128, "fwd_tangent": 80, "bwd": 176}
+# Calibrated on the compile report (python -m freeflow.kernels.aot --all-configs, Triton 3.9; docs/kernels.md,
+# "Forward configs"): bf16 head dims 64 and 72, every forward config, 7 flag sets, sm_80 and sm_90. The tangent
+# budget keeps every config clean on both archs at head dim 64 (up to 128×64 with 8 warps, estimate 400) and
+# prunes the ones that spill kilobytes on sm_80 at 72 (128×64, 64×64 with 4 warps, 64×32 padded, BLOCK_N = 128);
+# the primal budget keeps all but the two BLOCK_N = 128 configs that spill at 72.
+_REG_BUDGET = {"fwd": 480, "fwd_tangent": 400, "bwd": 176}
 
 
 def _chunks(head, tail, split):
@@ -175,7 +199,13 @@ def _fwd_footprint(config, meta):
     accumulators = (1 + tangent) * M * DV                        # Σ e^{s-m} v, Σ e^{s-m}(ṡ v + v̇)
     operands = (1 + meta["HAS_TQ"]) * M * D * es / 4             # q, q̇ stay in registers
     tiles = (2 + 2 * tangent_s) * M * N                          # s, p (+ ṡ, p·ṡ)
-    regs = (accumulators + operands + tiles) / threads
+    # k and v enter the products as register tiles that every warp holds whole (the warps split the rows of s,
+    # not its columns): a per-thread cost that more warps do not share
+    b_operands = N * (D + DV) * es / 4 / 32
+    # what lives across the whole key loop (accumulators, q, q̇) weighs more than the tiles of one step, which the
+    # compiler can schedule around: Dh=72 with 128 padded columns spills kilobytes on sm_80 where Dh=64 at the
+    # same per-step size is clean
+    regs = (1.5 * (accumulators + operands) + tiles) / threads + b_operands
     streamed = N * (D + DV + meta["HAS_TK"] * D + meta["HAS_TV"] * DV) * es
     smem = max(config.num_stages - 1, 1) * streamed + M * N * es * (1 + tangent_s)
     return regs, smem
@@ -204,7 +234,13 @@ def _pruner(footprint, kind):
     report fails the launch case)."""
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
-        sized = [(c, *footprint(c, meta)) for c in configs]
+        sized, seen = [], set()
+        for c in configs:
+            # split flags change nothing where the head dims have no second chunk (64, 128): one of each such set
+            same = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, _widths(c, meta))
+            if same not in seen:
+                seen.add(same)
+                sized.append((c, *footprint(c, meta)))
         tangent = kind == "fwd" and (meta["HAS_TQ"] or meta["HAS_TK"] or meta["HAS_TV"])
         budget = _REG_BUDGET["fwd_tangent" if tangent else kind]
         kept = [c for c, regs, smem in sized if regs <= budget and smem <= smem_budget()]

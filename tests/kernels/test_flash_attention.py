@@ -460,3 +460,51 @@ def test_flash_attn_backward_that_disagrees_with_sdpa_is_dropped(device, monkeyp
     for grads in got:
         for name, a, b in zip(("dq", "dk", "dv"), grads, want):
             check(a, b, torch.float16, f"after the check {name}")
+
+
+def _fwd_meta(d, tq=True, tk=True, tv=True):
+    """The forward kernel's launch flags for bf16 q, k, v of head dim d (what the pruning sees)."""
+    width, tail = max(16, 1 << (d - 1).bit_length()), head_chunks(d)[1]
+    return dict(HAS_TQ=tq, HAS_TK=tk, HAS_TV=tv, UPCAST=False, HEAD_D=width, HEAD_D2=tail, HEAD_DV=width,
+                HEAD_DV2=tail)
+
+
+def test_forward_configs_and_their_pruning_follow_the_compile_report():
+    """The forward's autotune list and pruning against what the compile report measured (Triton 3.9, bf16, S = 256,
+    every config compiled for sm_80 and sm_90; docs/kernels.md, "Forward configs")."""
+    from freeflow.kernels._dispatch import gpu_launch_settings
+    from freeflow.kernels._launch import smem_budget_override
+
+    with gpu_launch_settings():  # the GPU list (the interpreter gets its first config only)
+        configs = fa._configs(fa._FWD_TILES, split_qk_always=True)
+    assert len(configs) == len(fa._FWD_TILES) > 1 and len(fa._FWD_CONFIGS) >= 1
+    assert fa._FWD_CONFIGS[0].kwargs == configs[0].kwargs  # the interpreter runs the GPU list's first config
+
+    def key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["SPLIT_QK"],
+                c.kwargs["SPLIT_V"])
+
+    assert len({key(c) for c in configs}) == len(configs)  # each config once: a timing script can name each
+    assert {key(c) for c in configs} >= {(64, 16, 4, 3, True, True), (64, 16, 4, 3, False, True),
+                                         (64, 32, 4, 3, True, True), (64, 32, 4, 3, False, False)}
+    prune = fa._pruner(fa._fwd_footprint, "fwd")
+
+    def kept(d, **flags):
+        with smem_budget_override(163 * 1024):  # A100's shared memory, the smaller of the two
+            return {key(c) for c in prune(configs, _fwd_meta(d, **flags))}
+
+    # head dim 64 with every tangent: all configs up to 128×64 with 8 warps compiled clean on both archs, and stay
+    k64 = kept(64)
+    assert {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)} <= {k[:4] for k in k64}
+    assert all(k[1] < 128 for k in k64)  # BLOCK_N = 128 spilled 56–632 B with a tangent
+    assert len(k64) == len({k[:4] for k in k64})  # split flags change nothing at 64: one config per tile set
+    # head dim 72: the configs that spilled kilobytes on sm_80 are pruned — 128×64 (6.5 KB), 64×64 with 4 warps
+    # (1.1 KB), q/k/v padded 64×32 (832 B) — and both layouts of 64×16 with 4 warps stay for the GPU to time
+    k72 = kept(72)
+    assert not k72 & {(128, 64, 8, 3, True, True), (64, 64, 4, 3, True, True), (64, 32, 4, 3, False, False)}
+    assert {(64, 16, 4, 3, True, True), (64, 16, 4, 3, False, True), (128, 32, 8, 3, True, True)} <= k72
+    assert all(k[1] < 128 for k in k72)
+    # the primal keeps more, all but the BLOCK_N = 128 configs that spilled at 72
+    primal = kept(72, tq=False, tk=False, tv=False)
+    assert primal > k72 and {k for k in primal if k[1] == 128} == set()
+    assert {k for k in kept(64, tq=False, tk=False, tv=False) if k[1] == 128}  # clean at 64: kept
