@@ -48,6 +48,12 @@ def idle_threads() -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
+def kernel_environment() -> dict:
+    """The ``FREEFLOW_*`` / ``TRITON_INTERPRET`` settings that change which kernels run and how (recorded in
+    config.json: a run's numbers depend on them)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FREEFLOW_") or k == "TRITON_INTERPRET"}
+
+
 def load_teacher(cfg: TrainConfig, device) -> DiT:
     path = teacher_path(cfg)
     if not path:
@@ -95,6 +101,18 @@ def trainable_state(module: torch.nn.Module, params: list) -> dict:
     """State of the trainable tensors only (LoRA aux: the adapters, not the frozen teacher copy)."""
     ids = {id(p) for p in params}
     return {k: v for k, v in module.state_dict(keep_vars=True).items() if id(v) in ids}
+
+
+def load_trainable_state(module: torch.nn.Module, params: list, state: dict, what: str):
+    """Load what :func:`trainable_state` saved: exactly the trainable tensors, no key missing or left over
+    (a LoRA checkpoint resumed with --aux full, or another rank, fails here by name, not silently)."""
+    want = set(trainable_state(module, params))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit this run's trainable tensors: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''} (was it saved with other --aux / --lora-rank?)")
+    module.load_state_dict(state, strict=False)  # the frozen rest is the teacher's, rebuilt by this run
 
 
 @torch.no_grad()
@@ -255,7 +273,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
         check_resumed_depth(cfg, state, path, tcfg.depth)
         student.load_state_dict(state["student"])
         ema.load_state_dict(state["ema"])
-        aux.load_state_dict(state["aux"], strict=False)
+        load_trainable_state(aux, parts.aux_params, state["aux"], f"the aux state in {path}")
         opt.load_state_dict(state["opt"])
         aux_opt.load_state_dict(state["aux_opt"])
         generator.set_state(state["generator"])
@@ -267,6 +285,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({**config_dict(cfg, dcfg), "world_size": procs.world, "device": str(device),
                        "threads_used": torch.get_num_threads(), "teacher_path": teacher_path(cfg),
+                       "environment": kernel_environment(),
                        "teacher_family": teacher.family, "teacher_config": tcfg.to_dict()}, f, indent=2)
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step) if procs.main else None
     wandb_run = start_wandb(cfg, dcfg) if procs.main else None

@@ -79,6 +79,7 @@ def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision,
     cfg = json.load(open(full / "config.json"))
     assert cfg["train"]["steps"] == 6 and cfg["distill"]["pred_fraction"] == 0.75
     assert cfg["train"]["precision"] == precision
+    assert cfg["environment"]["TRITON_INTERPRET"] == "0"  # settings that pick kernels are part of the record
     assert cfg["teacher_path"] == str(teacher_path)  # what freeflow.search reads to pair student and teacher
 
 
@@ -92,6 +93,14 @@ def test_a_deeper_student_resumes_and_is_saved_with_its_depth(teacher_path, tmp_
     student = load_checkpoint(os.path.join(out, "student_ema.pt"), backend="reference")
     assert student.config.depth == load_checkpoint(teacher_path).config.depth + 2
     assert student.blocks[-1].adaLN_modulation[-1].weight.abs().sum() > 0  # the new blocks trained
+
+
+def test_resume_with_another_aux_fails_by_name(teacher_path, tmp_path):
+    out = tmp_path / "lora"
+    _train(*_args(teacher_path, out, 3), "--aux", "lora", "--lora-rank", "4")
+    wrong = _train(*_args(teacher_path, out, 5), check=False)  # --aux lora forgotten: the adapters do not fit
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "does not fit this run's trainable tensors" in wrong.stderr and "lora_A" in wrong.stderr
 
 
 def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path):
