@@ -125,3 +125,30 @@ def functional_dit(sd, x, t, y, *, heads, dt=None, gw=None, qk_norm=False, drop_
     gh, gw_ = hgt // p, wid // p
     out = torch.einsum("nhwpqc->nchpwq", h.reshape(n, gh, gw_, p, p, oc)).reshape(n, oc, hgt, wid)
     return out[:, :c] if drop_sigma else out
+
+
+# -- FreeFlow's released layout and sampler (ShangyuanTong/FreeFlow) -----------------------------------
+# Its models.py is DiT's with a ``dt_embedder`` and a ``gw_embedder`` (take_dt / take_gw), and all three
+# timestep embedders name their MLP ``projs``. Its sampler feeds the noise end's time, dt = 1 and the guidance
+# weight, and takes one step along the first C output channels.
+
+def official_freeflow_state_dict(**kwargs):
+    """Random tensors under the official FreeFlow student's key names and shapes."""
+    sd = official_state_dict(**kwargs, extra_embedders=("dt_embedder", "gw_embedder"))
+    return {k.replace("_embedder.mlp.", "_embedder.projs."): v for k, v in sd.items()}
+
+
+def functional_freeflow(sd, x, t, y, dt, gw, *, heads, qk_norm=False):
+    """The official FreeFlow network (keys ``*_embedder.projs.*``) on its state dict: all output channels."""
+    mlp_named = {k.replace("_embedder.projs.", "_embedder.mlp."): v for k, v in sd.items()}
+    return functional_dit(mlp_named, x, t, y, heads=heads, dt=dt, gw=gw, qk_norm=qk_norm)
+
+
+def official_one_step(sd, z, y, gw, *, heads, qk_norm=False, noise_time=0, dt=None):
+    """The official one-step rule from the noise end: ``z + dt·F(z, t=0, dt)`` (``z - dt·F`` at t = 1)."""
+    n, c = z.shape[:2]
+    dt = torch.ones(n) if dt is None else dt
+    t = torch.full((n,), float(noise_time))
+    f = functional_freeflow(sd, z, t, y, dt, gw, heads=heads, qk_norm=qk_norm)[:, :c]
+    step = dt.view(-1, 1, 1, 1) * f
+    return z + step if noise_time == 0 else z - step
