@@ -12,13 +12,12 @@ same noise, class and guidance weight. What changes on the way:
 * output shape: the official constructor builds ``learn_sigma=True`` (2C output channels) unless told otherwise;
   a student with C outputs (a REPA teacher's) gets a zero sigma half, which the samplers never read
   (``--learn-sigma off`` writes C outputs for a model built with ``learn_sigma=False``).
-* convention: the official sampler is taken to feed ``t = 0`` at the noise end and step ``x = z + dt·F``
-  (issue 23's statement; the official sources could not be read to check it, so ``--noise-time 1`` writes the
-  other convention, ``t = 1`` and ``x = z - dt·F``, the one ``load_checkpoint`` assumes). A student keeps
-  its teacher family's native convention in its weights (``freeflow.conventions``): a SiT student already
-  computes that ``F`` at ``t = 0``, so its weights pass unchanged; a REPA student (``t = 1`` noise, ``F = n - x``)
-  is rewritten so the network computes its native function at time ``1 - t`` with the opposite sign (see
-  :func:`flip_time_and_sign`). Time, δ and γ enter raw (no ×1000) in both codes.
+* convention: by default the teacher family's own, which is what the official code runs for that teacher: a SiT
+  student feeds ``t = 0`` at the noise end and steps ``x = z + dt·F`` (SiT's time and sign), a REPA student
+  ``t = 1`` and ``x = z - dt·F`` (REPA's, the one ``load_checkpoint`` reads FreeFlow files in). A student keeps its
+  family's convention in its weights (``freeflow.conventions``), so by default they pass unchanged.
+  ``--noise-time 0|1`` asks for the other one: the network is rewritten to compute its native function at time
+  ``1 - t`` with the opposite sign (:func:`flip_time_and_sign`). Time, δ and γ enter raw (no ×1000) in both codes.
 
 Inputs: ``student_ema.pt`` (``freeflow.models.save_checkpoint``: it records the family), or a training checkpoint
 ``checkpoints/step_*.pt`` (``--which ema|student``; the family comes from ``--family``, the run's ``config.json``
@@ -160,12 +159,19 @@ def set_learn_sigma(sd: dict, learn_sigma: bool) -> dict:
     return out
 
 
-def to_official(sd: dict, family: str, *, learn_sigma: bool = True, noise_time: int = 0) -> dict:
-    """Our student state dict (keys as ``freeflow.models.DiT``) → the official FreeFlow state dict."""
+def native_noise_time(family: str) -> int:
+    """The time a family's network is fed at the noise end: 0 for SiT (flipped), 1 for REPA and ours."""
+    return 0 if family in FLIPPED_FAMILIES else 1
+
+
+def to_official(sd: dict, family: str, *, learn_sigma: bool = True, noise_time: int | None = None) -> dict:
+    """Our student state dict (keys as ``freeflow.models.DiT``) → the official FreeFlow state dict; ``noise_time``
+    None keeps the family's own convention."""
+    if noise_time is None:
+        noise_time = native_noise_time(family)
     if noise_time not in (0, 1):
         raise ValueError(f"noise_time must be 0 or 1, got {noise_time!r}")
-    native_noise_time = 0 if family in FLIPPED_FAMILIES else 1
-    if native_noise_time != noise_time:
+    if native_noise_time(family) != noise_time:
         sd = flip_time_and_sign(sd)
     sd = set_learn_sigma(sd, learn_sigma)
     return {re.sub(r"^(t|dt|gw)_embedder\.mlp\.", r"\1_embedder.projs.", k): v.detach().clone().contiguous()
@@ -206,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training checkpoint's EMA or raw student weights")
     p.add_argument("--learn-sigma", choices=("on", "off"), default="on",
                    help="2C output channels as the official constructors build by default (on), or C (off)")
-    p.add_argument("--noise-time", type=int, choices=(0, 1), default=0,
-                   help="the time the official sampler feeds at the noise end: 0 (x = z + dt·F) or 1 (x = z - dt·F)")
+    p.add_argument("--noise-time", type=int, choices=(0, 1), default=None,
+                   help="the time the sampler feeds at the noise end: 0 (x = z + dt·F) or 1 (x = z - dt·F); "
+                        "default: the teacher family's own (SiT 0, REPA 1)")
     return p
 
 
@@ -220,6 +227,8 @@ def main(argv=None) -> int:
     try:
         sd, family, config = read_student(a.student, a.family or None, a.which)
         learn_sigma = a.learn_sigma == "on"
+        if a.noise_time is None:
+            a.noise_time = native_noise_time(family)
         official = to_official(sd, family, learn_sigma=learn_sigma, noise_time=a.noise_time)
     except (ValueError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
