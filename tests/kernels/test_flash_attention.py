@@ -32,6 +32,13 @@ def fresh_attention_settings():
     fa.refresh_settings()
 
 
+@pytest.fixture
+def triton_backward():
+    """Our Triton backward kernels on every device: on CUDA the default backward is SDPA's (tested on its own)."""
+    with fa.use_settings(backward="triton"):
+        yield
+
+
 def qkv(B, H, S, D, dtype, seed=0, device="cpu"):
     """q, k, v as DiT makes them: strided views of one (B, S, 3, H, D) projection (non-contiguous)."""
     g = torch.Generator().manual_seed(seed)
@@ -46,7 +53,7 @@ def leaves(ts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", CASES)
-def test_fused_jvp_and_backward(device, shape, dtype):
+def test_fused_jvp_and_backward(device, shape, dtype, triton_backward):
     (q, k, v), tangents = qkv(*shape, dtype, device=device)
     assert shape[2] == 1 or not q.is_contiguous()
     mine, ref = leaves((q, k, v)), leaves((q, k, v))
@@ -73,7 +80,7 @@ def test_matches_sdpa_math_path_under_torch_func_jvp(device, shape):
         check(fwAD.unpack_dual(dual).tangent, to_sdpa, torch.float32, "forward_ad tangent")
 
 
-def test_half_precision_and_cross_attention_with_scale(device):
+def test_half_precision_and_cross_attention_with_scale(device, triton_backward):
     (q, k, v), (tq, tk, tv) = qkv(2, 2, 49, 64, torch.float16, seed=3, device=device)
     o, to = K.attention_jvp(q, k, v, tq, tk, tv, backend=T)
     o_ref, to_ref = attention_jvp_reference(q, k, v, tq, tk, tv)
@@ -103,7 +110,7 @@ def test_head_dim_runs_as_at_most_two_power_of_two_chunks(d, chunks):
 
 
 @pytest.mark.parametrize("split_qk, split_v", [(False, False), (True, False), (False, True), (True, True)])
-def test_head_dim_72_with_and_without_the_split(device, monkeypatch, split_qk, split_v):
+def test_head_dim_72_with_and_without_the_split(device, monkeypatch, split_qk, split_v, triton_backward):
     """Every kernel with configs that run q/k's and v's Dh = 72 as 64 + 16 columns or padded to 128."""
     import triton
 
@@ -123,7 +130,7 @@ def test_head_dim_72_with_and_without_the_split(device, monkeypatch, split_qk, s
         check(a, b, torch.float32, name)
 
 
-def test_split_value_head_dim_with_a_single_chunk_query_head_dim(device):
+def test_split_value_head_dim_with_a_single_chunk_query_head_dim(device, triton_backward):
     """Dh = 64 (one chunk) with Dv = 72 (64 + 16): the value side's second chunk on its own, every kernel."""
     g = torch.Generator().manual_seed(11)
     shapes = [(2, 2, 33, 64), (2, 2, 49, 64), (2, 2, 49, 72)]
