@@ -13,6 +13,7 @@ import torch
 from launches import count_launches, device_and_backends, saved_activation_bytes, time_run
 
 import freeflow.kernels as K
+from freeflow.kernels.block import block_jvp, modulation
 from freeflow.models import DiT
 
 # DiT-S width/heads (head dim 64) at 256 tokens; launch counts do not depend on the sizes
@@ -38,13 +39,9 @@ def _setup(device):
 
 
 def block_forward_jvp(block, x, y, c, nxt, tx, ty, tc, tnxt, backend):
-    m, tm = K.linear_jvp(c, tc, block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
-    m, tm = m.chunk(6, dim=1), tm.chunk(6, dim=1)
-    a, ta = block.attn.forward_jvp(y, ty, backend)
-    x, y, tx, ty = K.gated_residual_modulate_jvp(x, m[2], a, m[3], m[4], tx, tm[2], ta, tm[3], tm[4], backend=backend)
-    f, tf = block.mlp.forward_jvp(y, ty, backend)
-    (shift, scale), (tshift, tscale) = nxt.chunk(2, dim=1), tnxt.chunk(2, dim=1)
-    return K.gated_residual_modulate_jvp(x, m[5], f, shift, scale, tx, tm[5], tf, tshift, tscale, backend=backend)
+    mod, tmod = modulation(*K.linear_jvp(c, tc, block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias))
+    return block_jvp(*block.branches(backend), x, y, tx, ty, mod, tmod, *nxt.chunk(2, dim=1), *tnxt.chunk(2, dim=1),
+                     backend=backend)
 
 
 def _step(block, primals, tangents, grads, backend):

@@ -11,7 +11,8 @@ The Triton ops are autograd Functions with ``jvp`` rules (``torch.func``, ``forw
 
 Modules, one op family each: ``flash_attention`` (JVP flash attention), ``adaln`` (modulate, gated
 residual and the fused seam), ``gelu`` (bias + GELU), ``tangent_ops`` (LayerNorm, linear, SiLU, timestep
-embedding: tangents without a kernel), ``patch`` (``patch_dit``); ``aot`` (compile report and gate) and
+embedding: tangents without a kernel), ``block`` (the DiT block's fused schedule, which ``freeflow.models``
+and ``patch`` run), ``patch`` (``patch_dit``); ``aot`` (compile report and gate) and
 ``selftest`` (GPU self-test) are command-line tools. No exported name equals a module name.
 
 This package depends on torch (and triton when present) only; it never imports the rest of freeflow.

@@ -8,7 +8,8 @@ The official repositories (facebookresearch/DiT, willisma/SiT, sihyun-yu/REPA) s
 
 with timm's ``Attention`` (``qkv``, ``proj``, ``num_heads``, optional ``q_norm``/``k_norm``) and ``Mlp``
 (``fc1``, GELU(tanh), ``fc2``), and a ``FinalLayer`` ``linear(modulate(norm_final(x), shift, scale))``.
-``patch_dit`` rebinds the ``forward`` of those modules so the block runs as
+``patch_dit`` rebinds the ``forward`` of those modules so the block runs the fused schedule of
+``block.block_forward`` (the one ``freeflow.models`` runs)::
 
     h      = adaln_modulate(x, shift₁, scale₁)                       (LN + modulate, one kernel)
     x, h   = gated_residual_modulate(x, gate₁, attn(h), shift₂, scale₂)   (residual + next LN, one kernel)
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._dispatch import check_backend
-from .adaln import adaln_modulate, gated_residual, gated_residual_modulate
+from .block import block_forward, final_layer_forward
 from .flash_attention import attention
 from .gelu import bias_gelu
 
@@ -133,20 +134,16 @@ def _first(module, names, h):
 
 def _block_forward(self, x, c):
     """DiT block with the residual seam fused into the next LayerNorm + modulate."""
-    backend = self.freeflow_backend
-    # Under autocast the residual stays fp32 (the fp32 pos_embed promotes it) while the adaLN linear and the
-    # branches give bf16; the official `x + gate * h` promotes them to x's dtype, and so does the seam here.
-    mods = self.adaLN_modulation(c).to(x.dtype)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-    h = adaln_modulate(x, shift_msa, scale_msa, self.norm1.eps, backend=backend)
-    x, h = gated_residual_modulate(x, gate_msa, self.attn(h).to(x.dtype), shift_mlp, scale_mlp, self.norm2.eps,
-                                   backend=backend)
-    return gated_residual(x, gate_mlp, self.mlp(h).to(x.dtype), backend=backend)
+    # Tangents reach the patched modules through the ops' jvp rules (torch.func), so the branches take none;
+    # under autocast they give bf16, which the official `x + gate * h` promotes to x's dtype, and so does this.
+    def branch(module):
+        return lambda h, _: (module(h).to(x.dtype), None)
+
+    return block_forward(self, x, c, branch(self.attn), branch(self.mlp), backend=self.freeflow_backend)
 
 
 def _final_layer_forward(self, x, c):
-    shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
-    return self.linear(adaln_modulate(x, shift, scale, self.norm_final.eps, backend=self.freeflow_backend))
+    return final_layer_forward(self, x, c, backend=self.freeflow_backend)
 
 
 __all__ = ["patch_dit"]

@@ -4,19 +4,22 @@ Modules and ``state_dict`` keys follow facebookresearch/DiT ``models.py`` (and S
 ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table`` (with the null row),
 fixed sin-cos ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
 ``final_layer.{norm_final,linear,adaLN_modulation.1}``; REPA's optional ``attn.q_norm/k_norm``; FreeFlow's
-``dt_embedder`` and ``gw_embedder``. The forward runs on ``freeflow.kernels`` ops, so the Triton backend
-fuses every residual seam with the following LayerNorm + modulate (also across blocks), and
-``forward_jvp`` computes the primal and its tangent in one pass with the explicit-tangent ops.
+``dt_embedder`` and ``gw_embedder``. The forward runs on ``freeflow.kernels`` ops; the blocks run the one
+block schedule of ``freeflow.kernels.block`` (which ``patch_dit`` also runs), so the Triton backend fuses
+every residual seam with the following LayerNorm + modulate (also across blocks), and ``forward_jvp``
+computes the primal and its tangent in one pass with the explicit-tangent ops.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import freeflow.kernels as K
+from freeflow.kernels.block import block_forward, block_jvp, chunks, final_layer_forward, modulate, modulation
 
 from ..conventions import FAMILIES
 
@@ -254,8 +257,8 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block. Its LayerNorms (``norm1``/``norm2``, no affine, eps 1e-6) run inside the
-    fused modulate ops that ``DiT`` schedules across block boundaries."""
+    """adaLN-Zero block. Its LayerNorms (``norm1``/``norm2``, no affine, eps 1e-6) run inside the fused
+    modulate ops of ``freeflow.kernels.block``, which ``DiT`` chains across block boundaries."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
         super().__init__()
@@ -266,12 +269,12 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, backend=None):
-        """The official block call: tokens ``x`` (N, T, D) and conditioning ``c`` (N, D), seams unfused."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(K.adaln_modulate(x, shift_msa, scale_msa, backend=backend), backend)
-        x = K.gated_residual(x, gate_msa, h, backend=backend)
-        h = self.mlp(K.adaln_modulate(x, shift_mlp, scale_mlp, backend=backend), backend)
-        return K.gated_residual(x, gate_mlp, h, backend=backend)
+        """The official block call: tokens ``x`` (N, T, D) and conditioning ``c`` (N, D)."""
+        return block_forward(self, x, c, *self.branches(backend), backend=backend)
+
+    def branches(self, backend=None):
+        """Attention and MLP as the ``(h, ḣ) → (out, out tangent)`` callables ``block_jvp`` runs."""
+        return partial(self.attn.forward_jvp, backend=backend), partial(self.mlp.forward_jvp, backend=backend)
 
 
 class FinalLayer(nn.Module):
@@ -285,12 +288,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c, backend=None):
         """The official final-layer call: ``x`` (N, T, D), ``c`` (N, D) → patch outputs (N, T, p·p·C)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(K.adaln_modulate(x, shift, scale, backend=backend))
-
-
-def _chunks(t, n):
-    return (None,) * n if t is None else t.chunk(n, dim=1)
+        return final_layer_forward(self, x, c, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,38 +414,18 @@ class DiT(nn.Module):
         return K.silu_jvp(c, tc)
 
     def _trunk(self, h, th, c, tc):
-        """All blocks and the final layer, each residual seam fused with the next LayerNorm + modulate."""
+        """All blocks and the final layer, each residual seam fused with the LayerNorm + modulate after it."""
         be = self.backend
-        mods = [_linear_jvp(b.adaLN_modulation[1], c, tc) for b in self.blocks]
-        final_mod, tfinal_mod = _linear_jvp(self.final_layer.adaLN_modulation[1], c, tc)
-        x, tx = h, th
-        shift, scale = mods[0][0].chunk(6, dim=1)[:2]
-        tshift, tscale = _chunks(mods[0][1], 6)[:2]
-        y, ty = self._modulate(x, tx, shift, scale, tshift, tscale)
-        for i, block in enumerate(self.blocks):
-            m, tm = mods[i][0].chunk(6, dim=1), _chunks(mods[i][1], 6)
-            a, ta = block.attn.forward_jvp(y, ty, be)
-            x, y, tx, ty = self._seam(x, tx, m[2], a, tm[2], ta, m[3], m[4], tm[3], tm[4])
-            f, tf = block.mlp.forward_jvp(y, ty, be)
-            if i + 1 < len(self.blocks):
-                nxt, tnxt = mods[i + 1][0].chunk(6, dim=1)[:2], _chunks(mods[i + 1][1], 6)[:2]
-            else:
-                nxt, tnxt = final_mod.chunk(2, dim=1), _chunks(tfinal_mod, 2)
-            x, y, tx, ty = self._seam(x, tx, m[5], f, tm[5], tf, nxt[0], nxt[1], tnxt[0], tnxt[1])
+        mods = [modulation(*_linear_jvp(b.adaLN_modulation[1], c, tc)) for b in self.blocks]
+        final, tfinal = _linear_jvp(self.final_layer.adaLN_modulation[1], c, tc)
+        # a block's last seam normalises for the next block's attention; the last block's, for the final layer
+        nexts = [(m.shift_msa, m.scale_msa, tm.shift_msa, tm.scale_msa) for m, tm in mods[1:]]
+        nexts.append((*final.chunk(2, dim=1), *chunks(tfinal, 2)))
+        (m, tm), x, tx = mods[0], h, th
+        y, ty = modulate(x, tx, m.shift_msa, m.scale_msa, tm.shift_msa, tm.scale_msa, backend=be)
+        for block, (m, tm), nxt in zip(self.blocks, mods, nexts):
+            x, y, tx, ty = block_jvp(*block.branches(be), x, y, tx, ty, m, tm, *nxt, backend=be)
         return _linear_jvp(self.final_layer.linear, y, ty)
-
-    def _modulate(self, x, tx, shift, scale, tshift, tscale):
-        if tx is None and tshift is None and tscale is None:
-            return K.adaln_modulate(x, shift, scale, backend=self.backend), None
-        return K.adaln_modulate_jvp(x, shift, scale, tx, tshift, tscale, backend=self.backend)
-
-    def _seam(self, x, tx, gate, h, tgate, th, shift, scale, tshift, tscale):
-        """x' = x + gate·h and LN(x')·(1 + scale) + shift, with tangents → (x', y, ẋ', ẏ)."""
-        if all(v is None for v in (tx, tgate, th, tshift, tscale)):
-            x, y = K.gated_residual_modulate(x, gate, h, shift, scale, backend=self.backend)
-            return x, y, None, None
-        return K.gated_residual_modulate_jvp(x, gate, h, shift, scale, tx, tgate, th, tshift, tscale,
-                                             backend=self.backend)
 
     def _unpatchify(self, x):
         """(N, T, p·p·C) → (N, C, H, W), patch pixels in (p, q, c) order as DiT."""
