@@ -166,11 +166,25 @@ def test_feature_net_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(back.features(x), net.eval().features(x), rtol=0, atol=0)
 
 
+def _digit_hits(model, net, n=50):
+    """Per requested digit, how many of its n/10 samples (Heun 8 steps, γ = 2) the feature classifier reads as it."""
+    samples = evaluate.sample_teacher(model, n, gamma=2.0, steps=8, seed=0)  # labels 0..9, n/10 times each
+    with torch.no_grad():
+        pred = net(samples).argmax(1)
+    return (pred == torch.arange(n) % 10).view(-1, 10).sum(0)
+
+
 def test_shipped_teacher_loads_and_draws_the_requested_digits():
-    model = load_checkpoint(str(demo.ASSETS_DIR / demo.TEACHER_FILE))
+    # The reference kernels, as on a CPU without the test-suite's interpreter: this test is about the shipped
+    # weights (the Triton kernels are compared with the references in tests/kernels and tests/models); through
+    # the interpreter it took 211 s for 20 samples, on the references 50 samples take ~2 s.
+    model = load_checkpoint(str(demo.ASSETS_DIR / demo.TEACHER_FILE), backend="reference")
     assert model.family == "internal"
     assert {k: getattr(model.config, k) for k in teacher.TEACHER_ARCH} == teacher.TEACHER_ARCH
-    samples = evaluate.sample_teacher(model, 20, gamma=2.0, steps=8, seed=0)  # labels 0..9 twice
-    with torch.no_grad():
-        pred = features.load_feature_net()(samples).argmax(1)
-    assert (pred == torch.arange(20) % 10).float().mean().item() >= 0.8
+    net = features.load_feature_net()
+    hits = _digit_hits(model, net)
+    assert hits.sum().item() >= 45, hits.tolist()  # >= 90 % of 50
+    assert hits.min().item() >= 3, hits.tolist()  # every digit drawn: at least 3 of its 5
+    # The check can fail: an untrained network of the same architecture does not pass it.
+    untrained = DiT(DiTConfig(**teacher.TEACHER_ARCH), family="internal", backend="reference").eval()
+    assert _digit_hits(untrained, net).sum().item() < 45

@@ -1,4 +1,5 @@
-"""DiT forward_jvp against torch.func.jvp of forward; gradients through its primal; the student at init.
+"""DiT forward_jvp against torch.func.jvp of the functional DiT in tests/official.py (written from the published
+architecture; it shares no code with freeflow.models); gradients through its primal; the student at init.
 
 These run the reference kernels (the Triton backend is compared with them in test_model_triton.py).
 """
@@ -6,6 +7,8 @@ import functools
 
 import pytest
 import torch
+from official import functional_dit
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.models import DiT as _DiT
 from freeflow.models import DiTConfig, FlowMapStudent, GuidedVelocityNet, config_from_name
@@ -64,19 +67,28 @@ def test_forward_jvp_equals_torch_func_jvp(cfg_name, family, which):
     names = list(TANGENT_SETS[which])
     fixed = {k: v for k, v in primals.items() if k not in names}
 
+    sd = model.state_dict()
+
+    def published(*args):  # the independent functional DiT: shares no code with the model
+        kw = {**fixed, **dict(zip(names, args))}
+        return _functional(model, sd, kw["x"], kw["t"], y, kw["dt"], kw["gw"])
+
     def f(*args):
         kw = {**fixed, **dict(zip(names, args))}
         return model(kw["x"], kw["t"], y, dt=kw["dt"], gw=kw["gw"])
 
-    with torch.no_grad():
-        want_out, want_tan = torch.func.jvp(f, tuple(primals[k] for k in names), tuple(tangents[k] for k in names))
+    args, targs = tuple(primals[k] for k in names), tuple(tangents[k] for k in names)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math path has a forward-mode derivative on CPU
+        want_out, want_tan = torch.func.jvp(published, args, targs)
+        ad_out, ad_tan = torch.func.jvp(f, args, targs)  # our forward also runs under torch.func
         out, tan = model.forward_jvp(x, t, y, dt, gw, **{f"t{k}": v for k, v in tangents.items()})
     assert _rel(out, want_out) <= REL
     assert _rel(tan, want_tan) <= REL
+    assert _rel(ad_out, want_out) <= REL and _rel(ad_tan, want_tan) <= REL
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-def test_forward_jvp_primal_gradient_equals_forward_gradient(cfg_name):
+def test_forward_jvp_primal_gradient_equals_published_forward_gradient(cfg_name):
     cfg = CONFIGS[cfg_name]
     model = _randomize(DiT(cfg))
     x, t, y, dt, gw = _inputs(cfg)
@@ -86,20 +98,37 @@ def test_forward_jvp_primal_gradient_equals_forward_gradient(cfg_name):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     grads = torch.autograd.grad((out * w).sum(), params)
-    ref = torch.autograd.grad((model(x, t, y, dt, gw) * w).sum(), params)
+    # The reference: the published forward, written with plain functional ops, on the same parameter tensors.
+    sd = {**dict(model.named_parameters()), "pos_embed": model.pos_embed}
+    want = _functional(model, sd, x, t, y, dt, gw)
+    ref = torch.autograd.grad((want * w).sum(), params)
     assert _rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref])) <= REL
     scale = max(g.abs().max() for g in ref)  # some gradients are exactly zero in theory (k_norm.bias)
     for (name, _), a, b in zip(named, grads, ref):
         assert (a - b).abs().max() <= REL * scale, name
 
 
-def test_forward_jvp_without_tangents_returns_none_tangent():
-    cfg = CONFIGS["S49"]
-    model = _randomize(DiT(cfg))
+def _functional(model, sd, x, t, y, dt, gw):
+    """The independent functional DiT (tests/official.py) on ``sd``, with this model's heads and qk_norm."""
+    cfg = model.config
+    return functional_dit(sd, x, t, y, heads=cfg.num_heads, dt=dt, gw=gw, qk_norm=cfg.qk_norm,
+                          drop_sigma=cfg.learn_sigma and model.family != "dit")
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("family", ["internal", "dit"])
+def test_forward_jvp_without_tangents_is_the_published_forward(cfg_name, family):
+    """No tangents: the tangent is None and the primal is the published DiT forward (an independent functional
+    implementation; ``forward`` itself is ``forward_jvp(...)[0]``, so comparing the two would prove nothing)."""
+    cfg = CONFIGS[cfg_name]
+    model = _randomize(DiT(cfg, family=family))
     x, t, y, dt, gw = _inputs(cfg)
-    out, tan = model.forward_jvp(x, t, y, dt, gw)
+    with torch.no_grad():
+        out, tan = model.forward_jvp(x, t, y, dt, gw)
+        want = _functional(model, model.state_dict(), x, t, y, dt, gw)
     assert tan is None
-    torch.testing.assert_close(out, model(x, t, y, dt, gw))
+    assert out.shape == want.shape == (2, cfg.out_channels if family == "dit" else cfg.in_channels, *x.shape[2:])
+    assert _rel(out, want) <= REL
 
 
 def test_learn_sigma_channels_follow_family():
