@@ -105,6 +105,7 @@ def test_candidates_around_the_gpu_settings(tune):
             assert all(4 <= m * c / (32 * w) <= 32 for m, c, w in cands[1:])
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_stage(tmp_path):
     out = tmp_path / "report"
     env = dict(os.environ, PYTHON=sys.executable, FREEFLOW_TUNE_ABORT_ON="gelu_jvp:1",

@@ -374,6 +374,7 @@ def test_extension_sources_have_distinct_object_names():
     assert len(stems) == len(set(stems)) and len(stems) == 3, stems
 
 
+@pytest.mark.slow
 def test_host_sources_are_cpp17(tmp_path):
     """torch 2.11 and older compile extensions as C++17 (2.13 as C++20): the host sources must build as both."""
     import shutil
@@ -389,6 +390,7 @@ def test_host_sources_are_cpp17(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_installed_wheel_ships_the_sources_the_jit_fallback_compiles(tmp_path):
     """A non-editable install (a wheel, no checkout beside it) still finds csrc/ for the JIT build."""
     repo = os.path.join(os.path.dirname(__file__), "..", "..")

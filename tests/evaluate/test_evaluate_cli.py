@@ -43,6 +43,7 @@ def _run(args, tmp_path, name):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_a_set_against_itself(sets, inception_weights, tmp_path):
     d, _, _ = sets
     r = _run([str(d / "a.npz"), "--ref", str(d / "a.npz"), "--inception-weights", inception_weights], tmp_path, "aa")
@@ -51,6 +52,7 @@ def test_a_set_against_itself(sets, inception_weights, tmp_path):
     assert r["num_samples"] == 4 and r["inception_score"] >= 1.0
 
 
+@pytest.mark.slow
 def test_fid_is_and_pr_against_an_independent_computation(sets, inception_weights, tmp_path):
     d, a, b = sets
     r = _run([str(d / "a.npz"), "--ref", str(d / "b_png"), "--inception-weights", inception_weights], tmp_path, "ab")
@@ -82,6 +84,7 @@ def test_folder_and_npz_read_the_same_rows_in_batches(sets):
         np.testing.assert_array_equal(got, b[1:4])
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_result(sets, inception_weights, tmp_path):
     d, _, _ = sets
     args = [str(d / "a.npz"), "--ref", str(d / "b.npz"), "--inception-weights", inception_weights, "--batch-size", "2",

@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from freeflow.models import DiT, DiTConfig, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.slow  # three torchrun launches
 
 
 def _torchrun(module, *args, port):

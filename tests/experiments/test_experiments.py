@@ -33,6 +33,7 @@ def digits():
     return images[idx], labels[idx]
 
 
+@pytest.mark.slow
 def test_scorer_ranks_real_digits_far_above_noise(scorer, digits):
     images, labels = digits
     real = scorer.score(images, labels)
@@ -59,6 +60,7 @@ def test_scorer_inputs_are_fixed_and_balanced():
         Scorer(n=55)
 
 
+@pytest.mark.slow
 def test_train_run_keeps_every_checkpoint_and_does_not_retrain_a_finished_run(tmp_path, scorer):
     run = str(tmp_path / "run")
     train_run(run, steps=2, ckpt_every=1, overrides={"batch_size": 8, "log_every": 1, "backend": "reference"})
@@ -101,6 +103,7 @@ def test_train_run_keeps_every_checkpoint_and_does_not_retrain_a_finished_run(tm
     assert pinned[0]["fd"] == pytest.approx(scorer.score_student(averaged_student(teacher, [ckpts[1]]))["fd"])
 
 
+@pytest.mark.slow
 def test_data_based_baseline_resumes_to_the_same_student(tmp_path):
     teacher = load_teacher()
     images, labels = load_digits()
@@ -143,6 +146,7 @@ def test_cli_lists_every_experiment_and_rejects_bad_input(capsys, tmp_path):
     assert "--only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path, monkeypatch):
     from freeflow.experiments import convergence
     passed = []
@@ -166,6 +170,7 @@ def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path
     assert os.path.isfile(os.path.join(out, "convergence-preset.png"))
 
 
+@pytest.mark.slow
 def test_convergence_set_changes_one_option_in_a_run_named_after_it(tmp_path, monkeypatch):
     from freeflow.experiments import convergence
     passed = []

@@ -1,6 +1,7 @@
 """The 2-D Gaussian-mixture problem of ``freeflow.experiments.gmm``: its closed-form teacher, checked by a
 second route, and an end-to-end distillation that must beat the teacher's 2-step Euler sampler.
 """
+import pytest
 import torch
 
 from freeflow.experiments.gmm import (
@@ -40,6 +41,7 @@ def test_closed_form_velocity_matches_score_of_the_noised_density():
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_gmm_student_beats_teacher_euler_against_exact_endpoint():
     z, y, target = evals = eval_set()
     euler = {k: mean_error(teacher_euler(z, y, k), target) for k in (1, 2, 4)}

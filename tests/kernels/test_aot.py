@@ -122,6 +122,7 @@ def test_sweep_covers_every_kernel():
     assert labels == set(aot._kernels())
 
 
+@pytest.mark.slow
 def test_gate_cli_compiles_for_sm90():
     """End to end in a fresh process (the interpreter off): one small kernel compiled for sm_90, resources read
     back from the cubin, exit status 0; an unknown arch is a usage error (2)."""

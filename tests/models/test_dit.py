@@ -187,10 +187,15 @@ def test_student_forward_jvp_in_delta_equals_torch_func_jvp():
     teacher = _randomize(DiT(DiTConfig(**{**cfg.to_dict(), "take_dt": False, "take_gw": False}), family="sit"))
     student = _randomize(FlowMapStudent.from_teacher(teacher), seed=9)
     z, _, y, delta, gw = _inputs(cfg)
-    with torch.no_grad():
-        want = torch.func.jvp(lambda d: student(z, d, y, gw), (delta,), (torch.ones_like(delta),))
+    net, sd, zero = student.net, student.net.state_dict(), torch.zeros(len(z))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        # A SiT-family student: the network at its noise end (t' = 0), velocity negated into our convention,
+        # written out on the functional DiT; and torch.func.jvp of the student's own forward.
+        want = torch.func.jvp(lambda d: -_functional(net, sd, z, zero, y, d, gw), (delta,), (torch.ones_like(delta),))
+        ad = torch.func.jvp(lambda d: student(z, d, y, gw), (delta,), (torch.ones_like(delta),))
         got = student.forward_jvp(z, delta, y, gw, tdelta=torch.ones_like(delta))
     assert _rel(got[0], want[0]) <= REL and _rel(got[1], want[1]) <= REL
+    assert _rel(ad[1], want[1]) <= REL
 
 
 def test_aux_net_starts_as_teacher_velocity():

@@ -73,6 +73,7 @@ def test_bad_config_file_names_the_argument(tmp_path, content, match):
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.slow
 def test_a_grid_that_cannot_be_written_is_a_warning(tmp_path):
     torch.manual_seed(0)
     cfg = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
@@ -142,6 +143,7 @@ def init(project=None, config=None, dir=None, name=None):
 '''
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_config_and_every_metrics_row(tmp_path):
     """A stand-in ``wandb`` module on the path records the calls the trainer makes."""
     (tmp_path / "fake").mkdir()

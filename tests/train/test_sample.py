@@ -89,6 +89,7 @@ def test_teacher_euler_and_handoff(ckpts, tmp_path):
     assert (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_samples(ckpts, tmp_path):
     _, _, d = ckpts
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
@@ -158,6 +159,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_num_samples(tmp_path):
     """3×64×64 samples: the old all-gather of float32 images held 48 KB per sample, and as much again for the noise:
     ~90 MB more at N = 1,024 than at N = 64. The sharded writer holds one shard whatever N."""

@@ -61,6 +61,7 @@ def _student(out):
 COMPILED_LORA = ["--compile", "--compile-mode", "aot_eager", "--aux", "lora", "--lora-rank", "4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, flags", [("fp32", []), ("bf16", []), ("fp32", COMPILED_LORA)],
                          ids=["fp32", "bf16", "compiled-lora"])
 def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision, flags):
@@ -83,6 +84,7 @@ def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision,
     assert cfg["teacher_path"] == str(teacher_path)  # what freeflow.search reads to pair student and teacher
 
 
+@pytest.mark.slow
 def test_a_deeper_student_resumes_and_is_saved_with_its_depth(teacher_path, tmp_path):
     out = tmp_path / "deeper"
     _train(*_args(teacher_path, out, 3, student_extra_depth=2))
@@ -95,6 +97,7 @@ def test_a_deeper_student_resumes_and_is_saved_with_its_depth(teacher_path, tmp_
     assert student.blocks[-1].adaLN_modulation[-1].weight.abs().sum() > 0  # the new blocks trained
 
 
+@pytest.mark.slow
 def test_resume_with_another_aux_fails_by_name(teacher_path, tmp_path):
     out = tmp_path / "lora"
     _train(*_args(teacher_path, out, 3), "--aux", "lora", "--lora-rank", "4")
@@ -103,6 +106,7 @@ def test_resume_with_another_aux_fails_by_name(teacher_path, tmp_path):
     assert "does not fit this run's trainable tensors" in wrong.stderr and "lora_A" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _train(*_args(teacher_path, ref, 30, ckpt_every=1))
@@ -141,6 +145,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(teacher_path, tmp_pa
     assert not (out / "checkpoints" / "step_0000006.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], COMPILED_LORA], ids=["eager-full", "compiled-lora"])
 def test_two_process_ddp_equals_one_process(teacher_path, tmp_path, flags):
     one, two = tmp_path / "one", tmp_path / "two"
