@@ -18,7 +18,7 @@ for two reasons: it carries the ``jvp`` rule that forward-mode AD needs (``torch
 custom ops have no forward-AD registration), and measured on the host it costs less per call than the custom
 op's dispatcher round trip and generated ``autograd.Function`` (docs/kernels.md, "torch.compile and
 torch.library"). ``forward_ad_active`` is the check an op needs when it must know whether a tangent may be asked
-of it (attention's primal fast path).
+of it (attention's primal fast path); it is traceable by Dynamo outside forward-mode AD.
 
 Conventions of the ops here: every argument positional; outputs never alias inputs (a gradient that passes
 straight through is returned by the autograd formula, not by the op); an output that is absent by structure (a
@@ -26,6 +26,8 @@ zero tangent, the gradient of an absent bias) is a 0-element tensor (``absent``)
 into None from the same structural rule.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -35,13 +37,22 @@ NAMESPACE = "freeflow"
 # Every op defined here, by name (the tests opcheck each; the C++ extension's ``freeflow::`` ops are not in it).
 OPS: dict[str, torch._ops.OpOverload] = {}
 
-__all__ = ["NAMESPACE", "OPS", "absent", "define_op", "forward_ad_active", "input_grads", "use_library_op"]
+__all__ = ["NAMESPACE", "OPS", "absent", "autograd_inside_op", "define_op", "forward_ad_active", "input_grads",
+           "use_library_op"]
 
 
 def forward_ad_active(*tensors: torch.Tensor | None) -> bool:
     """True when forward-mode AD may ask an op for a tangent: an input is a dual tensor (``forward_ad``,
     ``torch.func.jvp``) or lives inside a ``torch.func`` transform (whose levels may carry tangents that
-    ``unpack_dual`` at this level does not see)."""
+    ``unpack_dual`` at this level does not see).
+
+    Under Dynamo with no ``torch.func`` transform and no dual level active it is False without looking at the
+    tensors: Dynamo cannot trace ``is_functorch_wrapped_tensor`` (a graph break, fatal under ``fullgraph=True``),
+    and a compiled DiT must reach attention's primal fast path. With one active the checks below run as in eager
+    code, graph break included: a compiled region then falls back to eager for it, as before the ops were
+    registered (the custom ops have no forward-AD rule a compiled region could use instead)."""
+    if torch.compiler.is_compiling() and not (torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0):
+        return False
     if any(is_functorch_wrapped_tensor(t) for t in tensors if t is not None):
         return True
     # outside every forward_ad.dual_level() no tensor can be dual: skip the unpack_dual calls
@@ -64,6 +75,27 @@ def use_library_op() -> bool:
 def absent(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an output that is absent by structure (custom ops cannot return None)."""
     return like.new_empty(0)
+
+
+def _autograd_keys():
+    """The dispatch keys a custom op's autograd kernel excludes while it runs the implementation below autograd."""
+    outside = torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch._C._dispatch_tls_local_exclude_set() - outside
+
+
+_AUTOGRAD_KEYS = _autograd_keys()
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Autograd back on inside an op implementation, for one that differentiates something itself (attention's
+    flash-attn backward falls back to SDPA's backward, which recomputes O under autograd). The custom op's autograd
+    kernel runs every implementation with autograd's dispatch keys excluded, even with no gradient asked of the op,
+    so a graph recorded there would be empty; ``enable_grad`` alone does not undo that."""
+    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS), torch.enable_grad():
+        yield
 
 
 def input_grads(ctx, *grads):

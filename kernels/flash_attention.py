@@ -33,7 +33,9 @@ query block (dQ), so nothing needs atomics. Autotune configs target A100/H100 (`
 report's clean tiles up to 128×64, with and without the head-dim split where both compile clean; the pruning
 estimate ``_fwd_footprint`` is calibrated on that report); the interpreter runs the first. Autograd:
 ``AttentionFunction`` (its ``jvp`` rule launches the tangent variant, so ``torch.func.jvp`` / ``forward_ad``
-work) and ``AttentionJVPFunction`` (O and Ȯ in one launch).
+work) and ``AttentionJVPFunction`` (O and Ȯ in one launch). While tracing (``torch.compile``, ``make_fx``) the public
+ops call the custom ops ``freeflow::attention`` / ``freeflow::attention_jvp`` instead (``_library``: Dynamo cannot
+trace a Function with ``jvp``); they run the same launch wrappers and the same backwards.
 
 Dispatch (``attention``, ``attention_jvp``; docs/kernels.md, "Dispatch"): the reference off the Triton path;
 with no tangent on CUDA, SDPA (``primal_impl``); with a tangent, the JVP kernel or the reference as
@@ -51,9 +53,7 @@ import os
 import warnings
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ._dispatch import autocast_inputs, check_backend, use_triton
 from ._launch import (
@@ -68,6 +68,7 @@ from ._launch import (
     tl,
     triton,
 )
+from ._library import absent, autograd_inside_op, define_op, forward_ad_active, input_grads, use_library_op
 from ._validate import accumulation_dtype, check_tangents, check_tensor, detached
 
 
@@ -567,9 +568,11 @@ def head_chunks(d: int) -> tuple[int, int]:
     return (main, tail) if tail and main + tail < whole else (whole, 0)
 
 
+@functools.cache  # 1.9 µs a call uncached, more than the custom-op check the public ops make (bench_overhead)
 def _head_blocks(D, Dv):
     """Launch flags: each head dim's padded width and, where it splits, its second chunk (0 if it does not);
-    a config's ``SPLIT_QK`` / ``SPLIT_V`` pick between the two (the first chunk is half the padded width)."""
+    a config's ``SPLIT_QK`` / ``SPLIT_V`` pick between the two (the first chunk is half the padded width).
+    Shared between calls: callers unpack it, never change it."""
     return dict(HEAD_D=max(16, next_power_of_2(D)), HEAD_D2=head_chunks(D)[1],
                 HEAD_DV=max(16, next_power_of_2(Dv)), HEAD_DV2=head_chunks(Dv)[1])
 
@@ -689,14 +692,23 @@ def backward_impl(q, v) -> str:
     choice = settings()["backward"]
     if choice is None:
         return "sdpa" if _on_cuda(q) else "triton"
-    if choice == "flash_attn":
-        if not (_on_cuda(q) and _flash_attn_takes(q, v)) or _FLASH_BWD["off"]:
-            return "sdpa"
-        op, why = _flash_attn_backward_op()
-        if op is None:
-            _flash_backward_off(why)
-            return "sdpa"
+    if choice == "flash_attn" and not (_on_cuda(q) and _flash_attn_takes(q, v) and _flash_backward_usable()):
+        return "sdpa"
     return choice
+
+
+# Dynamo calls it rather than tracing it (it imports flash-attn and reads a signature: graph breaks); what it
+# answers is a fact of the process, and a compiled graph keeps the backward it was traced with.
+@torch.compiler.assume_constant_result
+def _flash_backward_usable() -> bool:
+    """flash-attn's backward has not been turned off in this process and is importable with a signature this module
+    knows (if not, it is turned off now, with its warning)."""
+    if _FLASH_BWD["off"]:
+        return False
+    op, why = _flash_attn_backward_op()
+    if op is None:
+        _flash_backward_off(why)
+    return op is not None
 
 
 def sdpa_backward(do, q, k, v, scale, needs=(True, True, True)):
@@ -804,11 +816,11 @@ def _rel_err(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _save_for_backward(ctx, q, k, v, o, lse):
-    """Save what the chosen backward reads: q, k, v for the SDPA recompute (O and LSE are then freed with the
+def _save_for_backward(ctx, impl, q, k, v, o, lse):
+    """Save what the chosen backward ``impl`` reads: q, k, v for the SDPA recompute (O and LSE are then freed with the
     caller's last reference: at DiT-XL/2, B = 32, bf16, 18.5 MiB per attention layer), also O and LSE otherwise."""
-    ctx.backward_impl = backward_impl(q, v)
-    if ctx.backward_impl == "sdpa":
+    ctx.backward_impl = impl
+    if impl == "sdpa":
         ctx.save_for_backward(q, k, v)
     else:
         ctx.save_for_backward(q, k, v, o, lse)
@@ -827,7 +839,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, scale = inputs
         o, lse = output
         ctx.scale = default_scale(q, scale)
-        _save_for_backward(ctx, q, k, v, o, lse)
+        _save_for_backward(ctx, backward_impl(q, v), q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # LSE gets no gradient: no zero-fill launch for it
@@ -857,7 +869,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         q, k, v, _, _, _, scale = inputs
         o, to, lse = output
         ctx.scale = default_scale(q, scale)
-        _save_for_backward(ctx, q, k, v, o, lse)
+        _save_for_backward(ctx, backward_impl(q, v), q, k, v, o, lse)
         ctx.mark_non_differentiable(to, lse)
         ctx.set_materialize_grads(False)  # Ȯ and LSE get no gradient: no zero-fill launches for them
 
@@ -879,6 +891,106 @@ def _backward(ctx, do):
     else:
         grads = attention_backward(do, q, k, v, o, lse, ctx.scale)
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (``_library``): what torch.compile traces; the public ops call them while tracing.
+# The backward the forward commits to (``backward_impl``) is an argument of the forward ops, read when the public op
+# is traced: it is in the captured graph, so a cached compiled artifact cannot serve another choice. The SDPA
+# recompute is plain torch ops, traced into the backward graph; the Triton and flash-attn backwards are ops.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_backward_choice(backward):
+    if backward not in BACKWARD_IMPLS:
+        raise ValueError(f"backward must be one of {BACKWARD_IMPLS}, got {backward!r}")
+
+
+def _out_fake(q, v):
+    return q.new_empty((*q.shape[:3], v.shape[3]))
+
+
+def _lse_fake(q):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _attention_impl(q, k, v, scale, backward):
+    _check_backward_choice(backward)
+    o, _, lse = attention_forward(q, k, v, scale=scale)
+    return o, lse
+
+
+def _attention_fake(q, k, v, scale, backward):
+    _check_backward_choice(backward)
+    return _out_fake(q, v), _lse_fake(q)
+
+
+def _attention_jvp_impl(q, k, v, tq, tk, tv, scale, backward):
+    _check_backward_choice(backward)
+    o, to, lse = attention_forward(q, k, v, tq, tk, tv, scale)
+    return o, absent(q) if to is None else to, lse
+
+
+def _attention_jvp_fake(q, k, v, tq, tk, tv, scale, backward):
+    _check_backward_choice(backward)
+    tangent = tq is not None or tk is not None or tv is not None
+    return _out_fake(q, v), _out_fake(q, v) if tangent else absent(q), _lse_fake(q)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    scale, backward = inputs[-2:]
+    ctx.scale = default_scale(q, scale)
+    _save_for_backward(ctx, backward, q, k, v, output[0], output[-1])
+    ctx.mark_non_differentiable(*output[1:])  # LSE and (jvp op) Ȯ
+    ctx.set_materialize_grads(False)  # as in the Functions: no zero-fill launches for outputs without gradient
+
+
+def _attention_grads(ctx, do, *_):
+    if do is None:
+        return input_grads(ctx)
+    if ctx.backward_impl == "sdpa":
+        return input_grads(ctx, *sdpa_backward(do, *ctx.saved_tensors, ctx.scale, ctx.needs_input_grad[:3]))
+    op = _flash_backward_op if ctx.backward_impl == "flash_attn" else _backward_op
+    return input_grads(ctx, *op(do, *ctx.saved_tensors, ctx.scale))
+
+
+def _backward_impl(do, q, k, v, o, lse, scale):
+    return attention_backward(do, q, k, v, o, lse, scale)
+
+
+def _backward_fake(do, q, k, v, o, lse, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _bshd_empty(t):
+    """A (B, H, S, D) tensor over (B, S, H, D) storage: the layout flash-attn writes its gradients in."""
+    return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+
+
+def _flash_backward_impl(do, q, k, v, o, lse, scale):
+    with autograd_inside_op():  # the fallback (and the first call's check) recomputes O with SDPA under autograd
+        grads = _flash_or_sdpa_backward(do, q, k, v, o, lse, scale)
+    # an op's output layout is fixed (its fake): flash-attn's, so SDPA's gradients (the rare fallback) are copied
+    return tuple(g if g.transpose(1, 2).is_contiguous() else _bshd_empty(g).copy_(g) for g in grads)
+
+
+def _flash_backward_fake(do, q, k, v, o, lse, scale):
+    return tuple(_bshd_empty(t) for t in (q, k, v))
+
+
+_BACKWARD_SCHEMA = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
+                    "-> (Tensor, Tensor, Tensor)")
+_backward_op = define_op("attention_backward", _BACKWARD_SCHEMA, _backward_impl, _backward_fake)
+_flash_backward_op = define_op("attention_flash_attn_backward", _BACKWARD_SCHEMA, _flash_backward_impl,
+                               _flash_backward_fake)
+_attention_op = define_op(
+    "attention", "(Tensor q, Tensor k, Tensor v, float? scale, str backward) -> (Tensor, Tensor)",
+    _attention_impl, _attention_fake, backward=_attention_grads, setup_context=_attention_setup)
+_attention_jvp_op = define_op(
+    "attention_jvp", "(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, float? scale, str backward) "
+    "-> (Tensor, Tensor, Tensor)",
+    _attention_jvp_impl, _attention_jvp_fake, backward=_attention_grads, setup_context=_attention_setup)
 
 
 def _check_triton(q, k, v, *tangents):
@@ -940,16 +1052,6 @@ def _on_cuda(t) -> bool:
     return t.device.type == "cuda"
 
 
-def _needs_tangent(*tensors) -> bool:
-    """True when forward-mode AD may ask ``attention`` for a tangent: an input is a dual tensor
-    (``forward_ad``, ``torch.func.jvp``) or lives inside a ``torch.func`` transform (whose levels may
-    carry tangents that ``unpack_dual`` at this level does not see)."""
-    if any(is_functorch_wrapped_tensor(t) for t in tensors):
-        return True
-    # outside every forward_ad.dual_level() no tensor can be dual: skip the three unpack_dual calls
-    return fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
-
-
 @functools.cache
 def _flash_attn_func():
     try:
@@ -979,7 +1081,7 @@ def primal_impl(q, k, v, backend=None) -> str:
         return "reference"
     if not _on_cuda(q):
         return "triton"
-    if _needs_tangent(q, k, v):
+    if forward_ad_active(q, k, v):
         return tangent_impl(q.dtype, q.shape[-1], "cuda", backend)
     choice = settings()["primal"]
     if choice == "flash_attn":
@@ -1011,6 +1113,8 @@ def attention(q, k, v, scale=None, *, backend=None):
         return _sdpa(q, k, v, default_scale(q, scale))
     if impl == "flash_attn":
         return _flash_attn(q, k, v, default_scale(q, scale))
+    if use_library_op():
+        return _attention_op(q, k, v, scale, backward_impl(q, v))[0]
     return apply(AttentionFunction, q, k, v, scale)[0]
 
 
@@ -1030,6 +1134,9 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, *, backend=None):
         return attention(q, k, v, scale, backend=backend), None
     if tangent_impl(q.dtype, q.shape[-1], "cuda" if _on_cuda(q) else q.device.type, backend) == "reference":
         return attention_jvp_reference(q, k, v, tq, tk, tv, scale)
+    if use_library_op():
+        o, to, _ = _attention_jvp_op(q, k, v, tq, tk, tv, scale, backward_impl(q, v))
+        return o, to
     # _launch.apply: Function.apply's per-call signature binding cost 25 µs of 40 here (launches stubbed, CPU)
     o, to, _ = apply(AttentionJVPFunction, q, k, v, detached(tq), detached(tk), detached(tv), scale)
     return o, to

@@ -10,6 +10,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from checks import make_check
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import freeflow.kernels as K
@@ -467,6 +469,53 @@ def test_flash_attn_backward_that_disagrees_with_sdpa_is_dropped(device, monkeyp
     for grads in got:
         for name, a, b in zip(("dq", "dk", "dv"), grads, want):
             check(a, b, torch.float16, f"after the check {name}")
+
+
+@pytest.mark.parametrize("flash_attn", ["installed", "missing"])
+def test_flash_attn_backward_under_torch_compile(device, monkeypatch, flash_attn):
+    """FREEFLOW_ATTENTION_BWD=flash_attn in a compiled ``attention_jvp`` (fullgraph, the captured graphs run as
+    captured). Dynamo asks whether flash-attn is usable without tracing the question (an import and a signature:
+    a missing module is a graph break). Installed (the stand-in), the backward graph calls
+    ``freeflow::attention_flash_attn_backward``, which feeds flash-attn our O and LSE and returns the reference's
+    gradients, its first call checked against SDPA's; missing, the warning comes at tracing and SDPA's backward is
+    traced instead."""
+    if flash_attn == "installed":
+        module, calls = _flash_attn_stand_in("2.6")
+        _install(monkeypatch, module)
+        expect = warnings.catch_warnings()  # no fallback to SDPA: flash-attn's backward is used
+    else:
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # importing it raises ImportError
+        monkeypatch.setattr(fa, "_on_cuda", lambda t: True)
+        fa.refresh_settings()
+        calls, expect = [], pytest.warns(RuntimeWarning, match="cannot be imported")
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    (q, k, v), tangents = qkv(2, 2, 49, 72, torch.float16, seed=37, device=device)
+    g = torch.randn(2, 2, 49, 72, generator=torch.Generator().manual_seed(38)).to(device, torch.float16)
+    ref = leaves((q, k, v))
+    want = torch.autograd.grad(attention_reference(*ref), ref, g)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: K.attention_jvp(*a, backend=T), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    mine = leaves((q, k, v))
+    with fa.use_settings(backward="flash_attn"), expect:
+        if flash_attn == "installed":
+            warnings.simplefilter("error", RuntimeWarning)
+        o, _ = compiled(*mine, *tangents)
+        got = torch.autograd.grad(o, mine, g)
+    ops = [str(node.target) for gm in graphs for node in gm.graph.nodes if "freeflow" in str(node.target)]
+    sdpa = any("scaled_dot_product" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    if flash_attn == "installed":
+        assert ops == ["freeflow.attention_jvp.default", "freeflow.attention_flash_attn_backward.default"], ops
+        assert not sdpa and len(calls) == 1 and fa._FLASH_BWD == dict(checked=True, off=None)
+    else:
+        assert ops == ["freeflow.attention_jvp.default"] and sdpa, ops
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        check(a, b, torch.float16, f"compiled, flash-attn {flash_attn}: {name}")
 
 
 def _fwd_meta(d, tq=True, tk=True, tv=True):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from checks import rel_err
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from freeflow.kernels import patch_dit
@@ -209,6 +211,45 @@ def test_torch_func_jvp_through_patched_model_and_state_dict_roundtrip(device):
     out, tout = torch.func.jvp(lambda x, t: fresh(x, t, y), (x, t), (tx, tt))
     assert rel_err(out, out_ref) <= 1e-4
     assert rel_err(tout, tout_ref) <= 1e-4
+
+
+def test_patched_model_under_torch_compile_fullgraph(device):
+    """The drop-in recipe for compiled projects (docs/kernels.md): ``patch_dit(model)`` then
+    ``torch.compile(model, fullgraph=True)``. Compiled with ``aot_eager``'s compilers (the captured graphs run as
+    captured: the Triton kernels run in the interpreter on CPU), kept here to see what was captured: one forward graph
+    holding the ``freeflow::`` ops, one backward graph holding their backward ops; outputs and gradients match the
+    patched model run eagerly and the official one."""
+    model, (x, t, y) = model_and_inputs(seed=6, device=device)
+    params = list(model.parameters())
+    out_ref = model(x, t, y)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), params)
+    patch_dit(model, backend="triton")
+    out_eager = model(x, t, y)
+    grads_eager = torch.autograd.grad(out_eager.square().sum(), params)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    out = compiled(x, t, y)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    ops = [{node.target.name().split("::")[1] for node in gm.graph.nodes
+            if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "freeflow"}
+           for gm in graphs]
+    forward = {"adaln_modulate", "gated_residual_modulate", "gated_residual", "bias_gelu"}
+    if device.type != "cuda":  # on CUDA the primal attention is SDPA's fast path: aten ops, traced as they are
+        forward.add("attention")
+    assert len(graphs) == 2 and ops[0] == forward, ops
+    assert ops[1] == ({f"{name}_backward" for name in forward}), ops
+    assert rel_err(out, out_eager) <= 1e-5  # the same kernels on the same inputs
+    assert rel_err(out, out_ref) <= 1e-4
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref)  # each gradient against the largest, as above
+    for (name, _), a, b, c in zip(model.named_parameters(), grads, grads_eager, grads_ref):
+        assert rel_err(a, b, floor) <= 1e-5, f"{name}: {rel_err(a, b, floor):.2e} against eager"
+        assert rel_err(a, c, floor) <= 1e-4, f"{name}: {rel_err(a, c, floor):.2e} against the official model"
 
 
 def test_rejects_other_layouts():
