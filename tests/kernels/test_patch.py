@@ -252,6 +252,24 @@ def test_patched_model_under_torch_compile_fullgraph(device):
         assert rel_err(a, c, floor) <= 1e-4, f"{name}: {rel_err(a, c, floor):.2e} against the official model"
 
 
+@pytest.mark.slow  # Inductor's code generation: about 20 s on 2 cores
+def test_patched_model_compiles_under_inductor_on_the_reference_backend():
+    """The same recipe with the reference ops, which Inductor compiles into its own CPU code: the official model's
+    outputs and gradients, to round-off."""
+    model, (x, t, y) = model_and_inputs(seed=7)
+    params = list(model.parameters())
+    out_ref = model(x, t, y)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), params)
+    patch_dit(model, backend="reference")
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True)(x, t, y)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    assert rel_err(out, out_ref) <= 1e-5
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref)
+    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
+        assert rel_err(a, b, floor) <= 1e-4, f"{name}: {rel_err(a, b, floor):.2e}"
+
+
 def test_rejects_other_layouts():
     with pytest.raises(ValueError, match="blocks"):
         patch_dit(nn.Linear(4, 4))
