@@ -107,10 +107,12 @@ def test_resume_with_another_aux_fails_by_name(teacher_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path):
+@pytest.mark.parametrize("flags", [[], COMPILED_LORA], ids=["eager-full", "compiled-lora"])
+def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_path, flags):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _train(*_args(teacher_path, ref, 30, ckpt_every=1))
-    proc = subprocess.Popen([sys.executable, "-m", "freeflow.train", *_args(teacher_path, killed, 30, ckpt_every=1)],
+    _train(*_args(teacher_path, ref, 30, ckpt_every=1), *flags)
+    proc = subprocess.Popen([sys.executable, "-m", "freeflow.train", *_args(teacher_path, killed, 30, ckpt_every=1),
+                             *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TRITON_INTERPRET": "0"})
     ckpts = killed / "checkpoints"
@@ -123,7 +125,7 @@ def test_sigkill_during_checkpointing_resumes_from_last_good(teacher_path, tmp_p
     # what a kill inside torch.save leaves, plus a truncated checkpoint file (e.g. a full disk):
     (ckpts / "step_0000099.pt.tmp.123").write_bytes(b"partial")
     (ckpts / "step_9999999.pt").write_bytes(b"\x80\x02truncated")
-    _train(*_args(teacher_path, killed, 30, ckpt_every=1))
+    _train(*_args(teacher_path, killed, 30, ckpt_every=1), *flags)
     assert _losses(_metrics(ref), range(1, 31)) == _losses(_metrics(killed), range(1, 31))
     assert (ckpts / "step_9999999.pt.corrupt").exists()
     assert not [p for p in os.listdir(ckpts) if ".tmp." in p]
