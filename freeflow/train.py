@@ -259,8 +259,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     teacher = load_teacher(cfg, device)
     tcfg = teacher.config
     num_classes = tcfg.num_classes
-    shape = (tcfg.in_channels, *(tcfg.grid[i] * tcfg.patch_size for i in range(2)))
     parts = build_parts(cfg, dcfg, teacher, device)
+    shape = parts.distiller.sample_shape
     if cfg.compile:
         compile_networks(parts, cfg.compile_mode)
     student, ema, aux, adapter = parts.student, parts.ema, parts.aux, parts.adapter
