@@ -200,14 +200,24 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _help(doc, default):
-    shown = "''" if default == "" else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
-    return f"{doc + ' ' if doc else ''}(default: {shown})".replace("%", "%%")
+def _shown(value):
+    return "''" if value == "" else (" ".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
-def _add_field(parser, f, default, doc=""):
+def _help(doc, default, preset=None, value=None):
+    """The field's docstring and the value that runs: the preset's where it sets the field, else the default."""
+    if preset is None:
+        runs = f"default: {_shown(default)}"
+    else:
+        runs = f"--preset {preset}: {_shown(value)}; default {_shown(default)}"
+    return f"{doc + ' ' if doc else ''}({runs})".replace("%", "%%")
+
+
+def _add_field(parser, f, default, doc="", preset=None):
     flag = "--" + _flag(f.name)
-    kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(doc, default))
+    sets = preset is not None and f.name in PRESETS[preset]
+    help_text = _help(doc, default, preset, PRESETS[preset][f.name]) if sets else _help(doc, default)
+    kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif isinstance(default, tuple):
@@ -216,13 +226,15 @@ def _add_field(parser, f, default, doc=""):
         parser.add_argument(flag, type=type(default), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str = TrainConfig.preset) -> argparse.ArgumentParser:
+    """The flags, each with its help and the value that will run under ``preset`` (``--help --preset NAME``)."""
     presets = "\n".join(f"  {name:<14} {PRESET_HELP.get(name, '')}" for name in PRESETS)
     p = argparse.ArgumentParser(
         prog="python -m freeflow.train",
         description="FreeFlow: data-free flow map distillation. With no arguments: the bundled MNIST demo "
                     "(distils the shipped teacher into a one-step student on CPU and reports FD).",
-        epilog=f"presets (--preset NAME; a preset overrides the defaults shown above):\n{presets}\n\n"
+        epilog=f"presets (--preset NAME; the values shown above are --preset {preset}'s: `--help --preset NAME` "
+               f"shows another's):\n{presets}\n\n"
                "Precedence: flags > --smoke > --config file > preset > defaults. "
                "A run writes OUT/config.json; `--config OUT/config.json` replays it.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,12 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     docs = field_docs(TrainConfig)
     for f in fields(TrainConfig):
-        _add_field(run, f, f.default, docs.get(f.name, ""))
+        _add_field(run, f, f.default, docs.get(f.name, ""), preset)
     dis = p.add_argument_group("distillation (freeflow.distill.DistillConfig; see docs/distill.md)")
     docs = {**DISTILL_HELP, **field_docs(DistillConfig)}
     for f in fields(DistillConfig):
-        _add_field(dis, f, f.default, docs.get(f.name, ""))
+        _add_field(dis, f, f.default, docs.get(f.name, ""), preset)
     return p
+
+
+def _chosen_preset(argv) -> str:
+    """``--preset`` as given (so that ``--help`` shows that preset's values); the default one otherwise."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=TrainConfig.preset)
+    name = pre.parse_known_args(argv)[0].preset
+    return name if name in PRESETS else TrainConfig.preset
 
 
 def load_config_file(path: str) -> dict:
@@ -261,7 +281,7 @@ def load_config_file(path: str) -> dict:
 
 def parse_args(argv=None) -> tuple[TrainConfig, DistillConfig]:
     """Flags > --smoke > --config file > preset > defaults. Unknown flags and invalid values raise before any work."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(_chosen_preset(argv)).parse_args(argv))
     replay = load_config_file(args.pop("config")) if "config" in args else {}
     preset = args.get("preset", replay.get("preset", TrainConfig.preset))
     if preset not in PRESETS:

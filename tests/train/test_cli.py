@@ -13,7 +13,7 @@ from PIL import Image
 from freeflow.config import PRESETS, TrainConfig, build_parser, parse_args
 from freeflow.distill import DistillConfig
 from freeflow.models import DiT, DiTConfig, save_checkpoint
-from freeflow.train import write_grid
+from freeflow.train import main, write_grid
 
 
 def _help_text():
@@ -26,11 +26,11 @@ def test_help_lists_every_flag_with_its_docstring_and_default():
     # would fail if the docstrings were not parsed), and every flag shows its default.
     assert "Clip the student's global gradient norm (0 = off). (default: 1.0)" in text
     assert "k of the adaptive weight ``w = (‖Δ‖²/d + eps)^-k`` (paper ablation: k = 1 best). (default: 1.0)" in text
-    assert "(default: 0.0 0.7)" in text  # corr_guidance_interval, a tuple
+    assert "(--preset mnist: 0.0 1.0; default 0.0 0.7)" in text  # corr_guidance_interval: a tuple, set by the preset
     help_by_flag = {a.option_strings[0]: a.help for a in build_parser()._actions if a.option_strings}
     for f in [*fields(TrainConfig), *fields(DistillConfig)]:
         h = help_by_flag["--" + f.name.replace("_", "-")]
-        assert "(default: " in h and len(h) > len("(default: )") + 12, (f.name, h)  # a sentence, not just the default
+        assert "default" in h and len(h) > len("(default: )") + 12, (f.name, h)  # a sentence, not just the default
     for name in PRESETS:
         assert f"{name} " in text
     assert "--config PATH" in text
@@ -39,7 +39,42 @@ def test_help_lists_every_flag_with_its_docstring_and_default():
 def test_help_exits_zero():
     proc = subprocess.run([sys.executable, "-m", "freeflow.train", "--help"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and "repa-xl2-256" in proc.stdout and "(default: 0.0001)" in proc.stdout
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "repa-xl2-256" in out and "(--preset mnist: 0.0003; default 0.0001)" in out
+
+
+def test_help_shows_the_values_of_the_chosen_preset():
+    """What `--help` prints for a flag is what will run: the preset's value where it sets one, else the default."""
+    help_by_flag = {a.option_strings[0]: a.help for a in build_parser("repa-xl2-256")._actions if a.option_strings}
+    assert help_by_flag["--aux"].endswith("(--preset repa-xl2-256: lora; default full)")
+    assert help_by_flag["--teacher-family"].endswith("(--preset repa-xl2-256: repa; default '')")
+    assert help_by_flag["--steps"].endswith("(--preset repa-xl2-256: 100000; default 1200)")
+    assert help_by_flag["--grad-clip"].endswith("(0 = off). (default: 1.0)")  # not set by the preset
+    proc = subprocess.run([sys.executable, "-m", "freeflow.train", "--help", "--preset", "sit-b2-256"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sit; default '')" in proc.stdout and "--preset sit-b2-256" in proc.stdout
+
+
+def test_a_preset_field_from_the_flag_through_config_json_to_the_run(tmp_path):
+    """--ema-decay (the mnist preset sets 0.995): the flag's 0.5 is recorded and is the decay the EMA took."""
+    torch.manual_seed(0)
+    teacher = DiT(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=3, learn_sigma=False), family="internal")
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    save_checkpoint(teacher, str(tmp_path / "t.pt"))
+    out = tmp_path / "run"
+    assert main(["--teacher-ckpt", str(tmp_path / "t.pt"), "--out", str(out), "--steps", "1", "--batch-size", "8",
+                 "--ema-decay", "0.5", "--no-evaluate", "--teacher-steps", "2", "--grid-size", "2", "--backend",
+                 "reference", "--threads", "1"]) == 0
+    assert json.load(open(out / "config.json"))["train"]["ema_decay"] == 0.5
+    state = torch.load(out / "checkpoints" / "step_0000001.pt", weights_only=False)
+    key = "blocks.0.attn.qkv.weight"  # the student starts as the teacher there
+    start, after = teacher.state_dict()[key], state["student"]["net." + key]
+    assert not torch.equal(after, start)
+    torch.testing.assert_close(state["ema"]["net." + key], 0.5 * start + 0.5 * after)
 
 
 def _write_config(path, **train):
