@@ -147,17 +147,7 @@ _IMAGENET = dict(needs_teacher_ckpt=True, batch_size=256, steps=100_000, ema_dec
                  gw_max=4.0, eval_gw=1.5, ckpt_every=5000, sample_every=5000, log_every=50,
                  teacher_steps=64)
 PRESETS = {
-    # threads=0 (idle cores): on an idle 2-core machine 2 threads run a step 1.55x and the evaluation 1.63x faster
-    # than 1, but on a loaded one OpenMP's spinning workers made a step 10-50x slower (0.33 s with 1 thread vs
-    # 4-16 s with 2), so the count follows the load average. The experiments pin 1 (they run side by side).
-    # Tuned on 1,000-step runs (student 1-step FD at γ=2, 2,000 samples): δ=1 mixture 0.25 and lr 3e-4
-    # (57.7 vs 58.9 for lr 2e-4 / 1,200 steps / no mixture), γ ∈ [1.5, 2.5] (56.5), ε = 1e-2 (56.6);
-    # worse: k = 0.5 (84.9), α = 2 (184.5), α = 0.5 (60.4), no correction (60.4), lr 5e-4 + mixture 0.5 (124.1).
-    # `python -m freeflow.experiments ablation` (1,500 fixed samples): correction guidance on all of [0, 1]
-    # instead of the paper's [0, 0.7] is better at every checkpoint (51.7 vs 56.2 after 1,000 steps).
-    # Those runs distilled mnist_teacher.pt with γ ∈ [1.5, 2.5], scored at γ = 2 (its best). The preset now distils
-    # mnist_teacher_long.pt (4x the training; 32-step FD 9.2 at its best γ = 1.25 against 37.3), so γ ∈ [1, 2]
-    # around that best and the evaluation at 1.25 (experiments `teacher` and `convergence`, docs/experiments.md).
+    # The mnist preset's values were each measured on the demo: docs/experiments.md, "How the demo preset was tuned".
     "mnist": dict(out="runs/freeflow-mnist", steps=1000, batch_size=64, lr=3e-4, aux_lr=3e-4, threads=0,
                   ema_decay=0.995, gw_min=1.0, gw_max=2.0, eval_gw=1.25, eps=1e-2, delta_one_prob=0.25,
                   corr_guidance_interval=(0.0, 1.0), eval_samples=1500, ckpt_every=200, sample_every=200),
