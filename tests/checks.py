@@ -29,3 +29,13 @@ def make_check(tolerances):
         err = rel_err(a, b)
         assert err <= tolerances[dtype], f"{what}: relative error {err:.2e} > {tolerances[dtype]:.0e}"
     return check
+
+
+@torch.no_grad()
+def trained_like_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Normal(0, std) into every trainable parameter, in place: trained-like weights, since DiT's adaLN-Zero init
+    makes every block the identity (and the losses trivially small). Draws from the global generator."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.normal_(0, std)
+    return model

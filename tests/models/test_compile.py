@@ -6,7 +6,7 @@ Inductor does with them on a GPU. ``dynamo.reset()`` between cases keeps one cas
 """
 import pytest
 import torch
-from checks import rel_err
+from checks import rel_err, trained_like_
 
 from freeflow.models import DiT, DiTConfig, FlowMapStudent
 
@@ -20,10 +20,7 @@ def _student(backend):
     cfg = DiTConfig(input_size=14, patch_size=2, in_channels=4, hidden_size=144, depth=2, num_heads=2, num_classes=5,
                     learn_sigma=True)
     teacher = DiT(cfg, family="sit", backend=backend)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    trained_like_(teacher)
     student = FlowMapStudent.from_teacher(teacher)
     with torch.no_grad():
         for emb in (student.net.dt_embedder, student.net.gw_embedder):

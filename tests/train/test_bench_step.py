@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from checks import trained_like_
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 sys.path.insert(0, BENCH)
@@ -25,10 +26,7 @@ def test_plain_network_with_lora_equals_the_toolkit_network():
     torch.manual_seed(0)
     cfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=72, depth=2, num_heads=2, num_classes=5)
     teacher = DiT(cfg, family="sit", backend="reference")
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    trained_like_(teacher)
     aux = GuidedVelocityNet.from_teacher(teacher)
     add_lora(aux.net, 4, targets=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
     with torch.no_grad():

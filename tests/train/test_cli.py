@@ -8,6 +8,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from checks import trained_like_
 from PIL import Image
 
 from freeflow.config import PRESETS, TrainConfig, build_parser, parse_args
@@ -60,10 +61,7 @@ def test_a_preset_field_from_the_flag_through_config_json_to_the_run(tmp_path):
     torch.manual_seed(0)
     teacher = DiT(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
                             num_classes=3, learn_sigma=False), family="internal")
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    trained_like_(teacher)
     save_checkpoint(teacher, str(tmp_path / "t.pt"))
     out = tmp_path / "run"
     assert main(["--teacher-ckpt", str(tmp_path / "t.pt"), "--out", str(out), "--steps", "1", "--batch-size", "8",

@@ -5,6 +5,7 @@ the same step (and, for scale, an fp32 run on other batches), and ``torch.func.j
 """
 import pytest
 import torch
+from checks import trained_like_
 
 from freeflow.config import TrainConfig
 from freeflow.distill import DistillConfig
@@ -19,10 +20,7 @@ def _teacher(backend="reference"):
     cfg = DiTConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=72, depth=2, num_heads=2,
                     num_classes=5, learn_sigma=False)
     teacher = DiT(cfg, family="internal", backend=backend)
-    with torch.no_grad():  # trained-like weights: the adaLN-Zero init would make every block the identity
-        for p in teacher.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    trained_like_(teacher)
     return teacher.requires_grad_(False)
 
 

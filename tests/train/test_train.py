@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from checks import trained_like_
 
 from freeflow.config import parse_args
 from freeflow.models import DiT, DiTConfig, load_checkpoint, save_checkpoint
@@ -19,10 +20,7 @@ def teacher_path(tmp_path_factory):
     cfg = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
                     learn_sigma=False)
     model = DiT(cfg, family="internal")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    trained_like_(model)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     save_checkpoint(model, str(path))
     return str(path)
