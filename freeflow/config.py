@@ -34,6 +34,14 @@ class TrainConfig:
     """AdamW learning rate of the student."""
     aux_lr: float = 1e-4
     """AdamW learning rate of the auxiliary network g_ψ."""
+    lr_schedule: str = "constant"
+    """Student learning rate over the run: "constant" or "cosine" (from --lr down to 0 at --steps; a function of
+    the step and --steps, so a run resumed with a larger --steps follows the longer schedule from there)."""
+    aux_updates: int = 1
+    """Aux optimizer updates per student step: the first on the step's own correction rows, the others on fresh
+    ones (the aux network tracks the moving student more closely)."""
+    aux_warmup: int = 0
+    """Aux-only updates before the student's first step (the correction then starts from a fitted g_ψ)."""
     beta1: float = 0.9
     """AdamW β1 (student and aux)."""
     beta2: float = 0.95
@@ -100,7 +108,9 @@ class TrainConfig:
     def validate(self):
         _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
                   "grid_size", "teacher_steps", "eval_samples", "lora_rank")
-        _nonnegative(self, "weight_decay", "grad_clip", "seed", "threads", "student_extra_depth")
+        _positive(self, "aux_updates")
+        _nonnegative(self, "weight_decay", "grad_clip", "seed", "threads", "student_extra_depth", "aux_warmup")
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         for name in ("lr", "aux_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {getattr(self, name)!r}")

@@ -227,10 +227,34 @@ def compile_networks(parts: Parts, mode: str):
         module.compile(**kw)
 
 
+def student_lr(cfg: TrainConfig, step: int) -> float:
+    """The student's learning rate at ``step`` (1-based) under ``--lr-schedule``: a function of the step alone, so
+    a resumed run continues the schedule exactly."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / cfg.steps))
+    return cfg.lr
+
+
+def aux_only_update(parts: Parts, cfg: TrainConfig, *, world: int = 1, shard=None):
+    """One aux optimizer update on fresh correction rows (``--aux-updates`` > 1, ``--aux-warmup``)."""
+    parts.aux_opt.zero_grad(set_to_none=True)
+    loss = parts.distiller.aux_loss(cfg.batch_size, parts.generator, shard=shard)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite aux loss {value} in an aux-only update")
+    loss.backward()
+    all_reduce_mean_([p.grad for p in parts.aux_params if p.grad is not None], world)
+    parts.aux_opt.step()
+    return value
+
+
 def train_step(parts: Parts, cfg: TrainConfig, step: int, *, world: int = 1, shard=None, reduce=None,
                ckpts: CheckpointDir | None = None) -> tuple[dict, torch.Tensor]:
     """One optimizer step of the student and the aux network (losses → backward → all-reduce → clip → step →
-    EMA); returns the loss terms and metrics of :meth:`Distiller.losses` and the student's gradient norm."""
+    EMA), then ``--aux-updates - 1`` aux-only updates; returns the loss terms and metrics of
+    :meth:`Distiller.losses` and the student's gradient norm."""
+    for group in parts.opt.param_groups:
+        group["lr"] = student_lr(cfg, step)
     parts.opt.zero_grad(set_to_none=True)
     parts.aux_opt.zero_grad(set_to_none=True)
     out = step_losses(parts.distiller, cfg, parts.generator, shard, reduce, step, ckpts)
@@ -244,6 +268,9 @@ def train_step(parts: Parts, cfg: TrainConfig, step: int, *, world: int = 1, sha
     parts.opt.step()
     parts.aux_opt.step()
     ema_update_(parts.ema, parts.student, cfg.ema_decay)
+    if out["aux"] is not None:
+        for _ in range(cfg.aux_updates - 1):
+            aux_only_update(parts, cfg, world=world, shard=shard)
     return out, grad_norm
 
 
@@ -266,6 +293,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     student, ema, aux, adapter = parts.student, parts.ema, parts.aux, parts.adapter
     opt, aux_opt, generator = parts.opt, parts.aux_opt, parts.generator
 
+    shard = (procs.rank, procs.world) if procs.world > 1 else None
+    reduce = all_reduce_sum if procs.world > 1 else None
     step = 0
     ckpts = CheckpointDir(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
     state, path = ckpts.load_newest_good() if cfg.resume else (None, None)
@@ -287,13 +316,16 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
                        "threads_used": torch.get_num_threads(), "teacher_path": teacher_path(cfg),
                        "environment": kernel_environment(),
                        "teacher_family": teacher.family, "teacher_config": tcfg.to_dict()}, f, indent=2)
+    if step == 0 and cfg.aux_warmup:  # no checkpoint yet: a run killed during the warm-up redoes it, identically
+        for _ in range(cfg.aux_warmup):
+            aux_loss = aux_only_update(parts, cfg, world=procs.world, shard=shard)
+        if procs.main:
+            print(f"[freeflow] aux warm-up: {cfg.aux_warmup} updates, last aux loss {aux_loss:.4f}")
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step) if procs.main else None
     wandb_run = start_wandb(cfg, dcfg) if procs.main else None
     vae = load_vae(cfg.vae, device) if procs.main else None
     grid_z, grid_y, grid_gw = grid_inputs(cfg, shape, num_classes, device)
     grid_teacher = None  # the teacher's half of the grid never changes: computed once, when first needed
-    shard = (procs.rank, procs.world) if procs.world > 1 else None
-    reduce = all_reduce_sum if procs.world > 1 else None
 
     # -- loop ------------------------------------------------------------------------------------
     bar = progress(cfg.steps, step, procs.main)

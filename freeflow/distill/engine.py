@@ -57,6 +57,10 @@ class DistillConfig:
     alpha: float = 1.0
     """α of the balance λ = α·E‖Δ‖/(E‖Δ_c‖ + balance_eps)."""
     balance_eps: float = 1e-6
+    balance: str = "residual"
+    """Which prediction magnitude λ matches: "residual" (E‖Δ‖ of the unweighted residual, the paper's formula),
+    "weighted" (E[w‖Δ‖], the size of the gradient the prediction applies, adaptive weight w included) or "fixed"
+    (λ = alpha, no balancing). docs/distill.md, "Readings of the paper"."""
     tangent: str = "jvp"
     """How ∂F/∂δ is computed: "jvp" (the student's explicit-tangent forward), "func_jvp" (torch.func.jvp through
     its plain forward: forward-mode AD, the plain-PyTorch way) or "finite_difference"."""
@@ -83,6 +87,7 @@ class DistillConfig:
         _check(self.r_logit_std > 0.0, "r_logit_std", "a positive float", self.r_logit_std)
         _check(self.alpha >= 0.0, "alpha", "alpha >= 0", self.alpha)
         _check(self.balance_eps > 0.0, "balance_eps", "a positive float", self.balance_eps)
+        _check(self.balance in BALANCE_MODES, "balance", f"one of {BALANCE_MODES}", self.balance)
         _check(self.tangent in obj.TANGENT_METHODS, "tangent", f"one of {obj.TANGENT_METHODS}",
                self.tangent)
         _check(0.0 < self.fd_step < 0.5, "fd_step", "a float in (0, 0.5)", self.fd_step)
@@ -90,6 +95,9 @@ class DistillConfig:
             value = getattr(self, f.name)
             if isinstance(value, float):
                 _check(math.isfinite(value), f.name, "a finite float", value)
+
+
+BALANCE_MODES = ("residual", "weighted", "fixed")
 
 
 def _check(ok, field, expected, got):
@@ -222,7 +230,7 @@ class Distiller:
         g = self._aux(x_r, r, yc, gwc)
 
         pred_loss, pred_msq = obj.prediction_loss(F, G, u, power=c.power, eps=c.eps)
-        lam = obj.balance_weight(G - u, g.detach() - u_c, alpha=c.alpha, eps=c.balance_eps, reduce=reduce)
+        lam = self._balance(G - u, pred_msq, g.detach() - u_c, reduce)
         if not math.isfinite(lam):  # the loss op rejects a non-finite scale; say what went wrong instead
             raise FloatingPointError(f"non-finite balance weight lambda={lam}: the prediction or correction "
                                      "velocity difference is not finite")
@@ -230,6 +238,26 @@ class Distiller:
         aux_loss = obj.aux_flow_matching_loss(g, noise, x1)
         metrics = _metrics(pred_loss, pred_msq, n_pred, corr_loss, corr_msq, lam, aux_loss, n_corr, reduce=reduce)
         return {"student": pred_loss + corr_loss, "aux": aux_loss, **metrics}
+
+    def _balance(self, delta_pred, pred_msq, delta_corr, reduce):
+        """λ of ``config.balance`` (a float: the correction's gradient scale)."""
+        c = self.config
+        if c.balance == "fixed":
+            return float(c.alpha)
+        weights = obj.adaptive_weight(pred_msq, power=c.power, eps=c.eps) if c.balance == "weighted" else None
+        return obj.balance_weight(delta_pred, delta_corr, alpha=c.alpha, eps=c.balance_eps, reduce=reduce,
+                                  pred_weights=weights)
+
+    def aux_loss(self, batch_size, generator=None, *, shard=None):
+        """The aux loss alone on fresh correction rows of a ``batch_size`` batch (the student only makes the
+        samples, without grad): the extra aux updates of ``--aux-updates`` and the ``--aux-warmup``."""
+        _, n_corr = self.split(batch_size)
+        if n_corr == 0 or self.aux is None:
+            raise ValueError("aux_loss needs correction rows: DistillConfig.pred_fraction < 1 and an aux network")
+        rows = _shard_rows(shard, batch_size - n_corr, n_corr)[1]
+        with torch.no_grad():
+            _, x1, x_r, r, yc, gwc, noise = self._correction_inputs(n_corr, rows, generator)
+        return obj.aux_flow_matching_loss(self._aux(x_r, r, yc, gwc), noise, x1)
 
     def _correction_inputs(self, n_corr, rows, generator):
         """``F₁ = F_θ(z', 1)`` (with grad), ``x₁``, ``x_r`` and the draws of the correction rows."""

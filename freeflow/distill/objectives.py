@@ -105,12 +105,21 @@ def noised(x1, n, r):
     return (1.0 - r) * x1.detach() + r * n
 
 
-def balance_weight(delta_pred, delta_corr, *, alpha=1.0, eps=1e-8, reduce=None):
+def adaptive_weight(msq, *, power=1.0, eps=1e-3):
+    """``w_i = (‖Δ_i‖²/d + ε)^-k`` from the per-sample ``msq = ‖Δ_i‖²/d``: the prediction gradient is ``∝ w_i·Δ_i``."""
+    return (msq.detach() + eps).pow(-power)
+
+
+def balance_weight(delta_pred, delta_corr, *, alpha=1.0, eps=1e-8, reduce=None, pred_weights=None):
     """``λ = α·E‖Δ‖ / (E‖Δ_c‖ + ε)`` as a float, so the correction gradient is on the prediction's scale.
 
-    ``reduce`` (an all-reduce sum) makes the expectations global when each process holds a share of the batch.
+    ``pred_weights`` (per prediction row) replaces ``‖Δ_i‖`` by ``w_i·‖Δ_i‖``: the size of the prediction's
+    gradient rather than of its residual. ``reduce`` (an all-reduce sum) makes the expectations global when each
+    process holds a share of the batch.
     """
     pred = delta_pred.detach().flatten(1).norm(dim=1)
+    if pred_weights is not None:
+        pred = pred * pred_weights.to(pred.dtype)
     corr = delta_corr.detach().flatten(1).norm(dim=1)
     sums = torch.stack([pred.sum(), corr.sum(), pred.new_tensor(pred.numel()), pred.new_tensor(corr.numel())])
     if reduce is not None:

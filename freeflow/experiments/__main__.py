@@ -9,7 +9,7 @@ import torch
 
 from .common import RESULTS_DIR, RUNS_DIR
 
-NAMES = ("convergence", "ablation", "mismatch", "teacher", "gmm")
+NAMES = ("convergence", "ablation", "mismatch", "teacher", "gmm", "probes")
 
 
 def build_parser() -> argparse.ArgumentParser:

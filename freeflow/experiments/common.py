@@ -202,7 +202,7 @@ def score_checkpoints(scorer: Scorer, teacher, run_dir: str, *, every: int = 1, 
 
 def teacher_baselines(scorer: Scorer, teacher, cache: str, steps=(1, 2, 4, 32), teacher_ckpt: str = "") -> dict:
     """{"heun{n}": score} of the teacher's Heun sampler at each step count, cached in ``cache`` (JSON)."""
-    key = {**scorer.settings(), "teacher": teacher_ckpt or TEACHER_FILE, "steps": list(steps)}
+    key = {**scorer.settings(), "teacher": os.path.basename(teacher_ckpt) or TEACHER_FILE, "steps": list(steps)}
     if os.path.isfile(cache):
         with open(cache) as f:
             record = json.load(f)

@@ -33,7 +33,10 @@ MODE_CLASS = torch.arange(8) % NUM_CLASSES
 # k = 0 and a small α: on a 2-D problem the adaptive weight starves the large-δ samples and the
 # aux-estimated Δ_c is mostly estimation noise, which λ would scale up to the prediction's size (docs/distill.md).
 CONFIG = dict(power=0.0, alpha=0.1, gw_min=1.0, gw_max=1.0)
-VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction only": {"pred_fraction": 0.0}}
+VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction only": {"pred_fraction": 0.0},
+            "alpha 0.03": {"alpha": 0.03}, "alpha 0.3": {"alpha": 0.3}, "alpha 1": {"alpha": 1.0},
+            "fixed lambda 0.1": {"balance": "fixed", "alpha": 0.1}}
+DEFAULT_VARIANTS = ("both", "prediction only", "correction only")
 
 
 def gmm_velocity(x, t, y):
@@ -113,6 +116,17 @@ def mean_error(x, target):
     return (x.double() - target).norm(dim=1).mean().item()
 
 
+def energy_distance(x, target, y):
+    """Class-averaged energy distance ``2E‖X - Y‖ - E‖X - X'‖ - E‖Y - Y'‖`` between the samples ``x`` and the exact
+    endpoints ``target`` (both per class ``y``): how far the two distributions are, whatever the pairing of
+    noises (the correction's job), where :func:`mean_error` measures the per-noise map (the prediction's)."""
+    x, target, out = x.double(), target.double(), []
+    for c in range(NUM_CLASSES):
+        a, b = x[y == c], target[y == c]
+        out.append(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
+    return float(torch.stack(out).mean())
+
+
 def train_step(distiller, student_opt, aux_opt, batch_size, generator):
     """One single-process optimizer step on the student and (when there is one) the aux; returns the metrics."""
     student_opt.zero_grad(set_to_none=True)
@@ -150,7 +164,8 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
     gw = torch.ones(len(z))
 
     def error():
-        return mean_error(one_step_sample(student, z, y, gw), target)
+        with torch.no_grad():
+            return mean_error(one_step_sample(student, z, y, gw), target)
 
     curve, generator, metrics = [(0, error())], torch.Generator().manual_seed(seed), {}
     start = time.perf_counter()
@@ -166,31 +181,53 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=1000, help="training steps per variant")
     p.add_argument("--eval-every", type=int, default=50, help="steps between error evaluations")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}); known: {', '.join(VARIANTS)}")
+    p.add_argument("--tag", default="gmm", help="results file stem (default: gmm → gmm.json, gmm.png)")
+
+
+def spread(values) -> dict:
+    """Mean, population spread and extremes of a per-seed result."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0,
+            "min": float(t.min()), "max": float(t.max())}
 
 
 def run(args) -> dict:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants names unknown variants {unknown}; known: {list(VARIANTS)}")
     evals = eval_set()
     z, y, target = evals
     euler = {n: mean_error(teacher_euler(z, y, n), target) for n in (1, 2, 4, 8)}
+    euler_energy = {n: energy_distance(teacher_euler(z, y, n), target, y) for n in (1, 2, 4, 8)}
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = {}
-    for name, overrides in VARIANTS.items():
-        runs = []
+    for name in names:
+        overrides, runs = VARIANTS[name], []
         for seed in seeds:
-            _, curve, metrics, seconds = distil(args.steps, overrides=overrides, eval_every=args.eval_every,
-                                                evals=evals, seed=seed)
-            runs.append({"seed": seed, "curve": curve, "final": curve[-1][1], "seconds": seconds})
-            print(f"[gmm] {name} seed {seed}: error {curve[-1][1]:.3f} after {args.steps} steps ({seconds:.0f} s)")
+            student, curve, metrics, seconds = distil(args.steps, overrides=overrides, eval_every=args.eval_every,
+                                                      evals=evals, seed=seed)
+            with torch.no_grad():
+                energy = energy_distance(one_step_sample(student, z, y, torch.ones(len(z))), target, y)
+            runs.append({"seed": seed, "curve": curve, "final": curve[-1][1], "energy": energy,
+                         "lambda": metrics.get("lambda"), "seconds": seconds})
+            print(f"[gmm] {name} seed {seed}: error {curve[-1][1]:.3f}, energy distance {energy:.4f} after "
+                  f"{args.steps} steps ({seconds:.0f} s)", flush=True)
         variants[name] = {"overrides": overrides, "runs": runs,
-                          "final_mean": sum(r["final"] for r in runs) / len(runs)}
+                          "final_mean": sum(r["final"] for r in runs) / len(runs),
+                          "error": spread([r["final"] for r in runs]),
+                          "energy": spread([r["energy"] for r in runs])}
     payload = {**environment(), "config": CONFIG, "steps": args.steps, "eval_points": len(z),
-               "teacher_euler": {str(k): v for k, v in euler.items()}, "variants": variants}
-    write_json(os.path.join(args.out, "gmm.json"), payload)
+               "teacher_euler": {str(k): v for k, v in euler.items()},
+               "teacher_euler_energy": {str(k): v for k, v in euler_energy.items()}, "variants": variants}
+    write_json(os.path.join(args.out, f"{args.tag}.json"), payload)
     curves = {}
     for name, v in variants.items():  # the mean over seeds at each evaluated step
         steps = [s for s, _ in v["runs"][0]["curve"]]
         curves[name] = (steps, [sum(r["curve"][i][1] for r in v["runs"]) / len(v["runs"]) for i in range(len(steps))])
-    plot(os.path.join(args.out, "gmm.png"), curves,
+    plot(os.path.join(args.out, f"{args.tag}.png"), curves,
          hlines={f"teacher Euler {n} step{'s' if n > 1 else ''}": e for n, e in euler.items()},
          ylabel="mean distance to the exact endpoint",
          title=f"2-D mixture: one-step student vs teacher Euler (mean of {len(seeds)} seeds)")

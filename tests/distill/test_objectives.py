@@ -260,11 +260,22 @@ def _redraw(seed, n_pred, n_corr):
     return (z, y, gw, delta), (z_c, y_c, gw_c, r, noise)
 
 
-def test_engine_losses_match_written_out_objectives_on_the_drawn_batch():
+def _written_out_lambda(balance, Delta, Delta_c, cfg):
+    """λ of each ``DistillConfig.balance`` reading, from the per-sample residuals."""
+    if balance == "fixed":
+        return torch.tensor(cfg.alpha)
+    pred = Delta.norm(dim=1)
+    if balance == "weighted":  # the prediction gradient's size: w_i·‖Δ_i‖, w_i = (‖Δ_i‖²/d + ε)^-k
+        pred = pred * (Delta.pow(2).sum(1) / D + cfg.eps) ** -cfg.power
+    return cfg.alpha * pred.mean() / (Delta_c.norm(dim=1).mean() + cfg.balance_eps)
+
+
+@pytest.mark.parametrize("balance", ["residual", "weighted", "fixed"])
+def test_engine_losses_match_written_out_objectives_on_the_drawn_batch(balance):
     student, aux = JvpStudent(), AuxNet()
     teacher = Recorder(teacher_fn)
     cfg = DistillConfig(gw_min=1.0, gw_max=2.0, pred_guidance_interval=(0.0, 1.0),
-                        corr_guidance_interval=(0.0, 0.7), alpha=0.5)
+                        corr_guidance_interval=(0.0, 0.7), alpha=0.5, balance=balance)
     distiller = Distiller(student, teacher, aux, cfg, sample_shape=(D,), num_classes=NUM_CLASSES)
     out = distiller.losses(8, generator=torch.Generator().manual_seed(0))
     assert (out["n_pred"], out["n_corr"]) == (6, 2)
@@ -283,7 +294,7 @@ def test_engine_losses_match_written_out_objectives_on_the_drawn_batch():
     u_c = guided.guided_velocity(x_r, r, y_c, gw_c, 0.0, 0.7)
     Delta_c = (aux(x_r, r, y_c, gw_c) - u_c).detach()
     Delta = _prediction_delta(student, u_pred, z, delta, y, gw)
-    lam = 0.5 * Delta.norm(dim=1).mean() / (Delta_c.norm(dim=1).mean() + cfg.balance_eps)
+    lam = _written_out_lambda(balance, Delta, Delta_c, cfg)
     corr_surrogate = lam * ((F1 - (F1.detach() - Delta_c)).pow(2).sum(1) / D).mean()
     expected = _grads(student, pred_surrogate + corr_surrogate)
     assert out["lambda"] == pytest.approx(float(lam), rel=1e-10)
@@ -294,6 +305,29 @@ def test_engine_losses_match_written_out_objectives_on_the_drawn_batch():
     expected_aux = _grads(aux, aux_reference)
     for got, ref in zip(_grads(aux, out["aux"]), expected_aux):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_engine_aux_loss_alone_matches_written_out_flow_matching_on_fresh_correction_rows():
+    """``Distiller.aux_loss`` (the extra updates of --aux-updates, --aux-warmup): only the correction draws, the
+    student without grad, and the aux loss of the full step's formula."""
+    student, aux = JvpStudent(), AuxNet()
+    distiller = Distiller(student, teacher_fn, aux, DistillConfig(gw_min=1.0, gw_max=2.0), sample_shape=(D,),
+                          num_classes=NUM_CLASSES)
+    loss = distiller.aux_loss(8, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)  # the correction draws of a batch of 8: 2 rows, in the documented order
+    z_c = torch.randn(2, D, generator=gen)
+    y_c = torch.randint(0, NUM_CLASSES, (2,), generator=gen)
+    gw_c = 1.0 + torch.rand(2, generator=gen)
+    r = torch.sigmoid(0.8 + 1.0 * torch.randn(2, generator=gen))
+    noise = torch.randn(2, D, generator=gen)
+    x1 = z_c - student(z_c, torch.ones(2), y_c, gw_c).detach()
+    x_r = (1 - r[:, None]) * x1 + r[:, None] * noise
+    reference = (aux(x_r, r, y_c, gw_c) - (noise - x1)).pow(2).sum(1).div(D).mean()
+    for got, ref in zip(_grads(aux, loss), _grads(aux, reference)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+    assert all(p.grad is None for p in student.parameters())  # the student only made the samples
+    with pytest.raises(ValueError, match="needs correction rows"):
+        _distiller(DistillConfig(pred_fraction=1.0)).aux_loss(8)
 
 
 def _prediction_delta(student, u, z, delta, y, gw):
@@ -358,7 +392,7 @@ def test_one_step_sample_is_z_minus_F_at_one():
     ("delta_dist", "beta"), ("delta_one_prob", 1.2), ("gw_min", 5.0),
     ("pred_guidance_interval", (0.5, 0.2)), ("corr_guidance_interval", (0.0, 1.5)),
     ("r_logit_std", 0.0), ("alpha", -1.0), ("tangent", "fd"), ("fd_step", 0.6),
-    ("balance_eps", float("nan")),
+    ("balance_eps", float("nan")), ("balance", "median"),
 ])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"DistillConfig.{field}"):

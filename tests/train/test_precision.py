@@ -99,3 +99,34 @@ def test_bf16_tangent_matches_fp32_func_jvp(backend):
     for got, want in ((out, ref), (out_dot, ref_dot)):
         err = ((got.float() - want).norm() / want.norm()).item()
         assert 0 < err < 2e-2, err
+
+
+def test_cosine_schedule_follows_torch_cosine_annealing_and_reaches_the_optimizer():
+    from freeflow.train import student_lr
+
+    tc = TrainConfig(lr=3e-4, steps=10, lr_schedule="cosine")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.steps)
+    for step in range(1, tc.steps + 1):  # step k trains with the rate after k - 1 scheduler steps
+        assert student_lr(tc, step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        opt.step()
+        sched.step()
+    assert student_lr(TrainConfig(lr=3e-4, lr_schedule="constant"), 7) == 3e-4
+    parts = build_parts(TrainConfig(lr=1e-3, steps=4, lr_schedule="cosine", batch_size=8), DistillConfig(),
+                        _teacher(), CPU)
+    tc = TrainConfig(lr=1e-3, steps=4, lr_schedule="cosine", batch_size=8)
+    train_step(parts, tc, 3)
+    assert parts.opt.param_groups[0]["lr"] == pytest.approx(student_lr(tc, 3)) and student_lr(tc, 3) < 1e-3
+
+
+def test_aux_updates_step_the_aux_optimizer_that_many_times_per_student_step():
+    teacher = _teacher()
+    tc = TrainConfig(batch_size=8, aux_updates=3)
+    parts = build_parts(tc, DistillConfig(), teacher, CPU)
+    aux_before = [p.detach().clone() for p in parts.aux_params]
+    for step in (1, 2):
+        out, _ = train_step(parts, tc, step)
+    assert out["aux"] is not None
+    assert {int(parts.opt.state[p]["step"]) for p in parts.student_params} == {2}
+    assert {int(parts.aux_opt.state[p]["step"]) for p in parts.aux_params} == {6}
+    assert any(not torch.equal(a, p) for a, p in zip(aux_before, parts.aux_params))

@@ -57,14 +57,17 @@ def _student(out):
 
 # --compile with aot_eager: the graphs are captured and run as traced, without Inductor's minute of code generation
 COMPILED_LORA = ["--compile", "--compile-mode", "aot_eager", "--aux", "lora", "--lora-rank", "4"]
+AUX_SCHEDULE = ["--aux-updates", "2", "--aux-warmup", "3"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, flags", [("fp32", []), ("bf16", []), ("fp32", COMPILED_LORA)],
-                         ids=["fp32", "bf16", "compiled-lora"])
+@pytest.mark.parametrize("precision, flags", [("fp32", []), ("bf16", []), ("fp32", COMPILED_LORA),
+                                             ("fp32", AUX_SCHEDULE)],
+                         ids=["fp32", "bf16", "compiled-lora", "aux-updates-warmup"])
 def test_resume_replays_the_uninterrupted_run(teacher_path, tmp_path, precision, flags):
-    """Also under bf16 autocast (CPU autocast here: the checkpoint holds fp32 master state) and with compiled
-    networks and a LoRA aux (the checkpoint holds only the adapters and their optimizer)."""
+    """Also under bf16 autocast (CPU autocast here: the checkpoint holds fp32 master state), with compiled
+    networks and a LoRA aux (the checkpoint holds only the adapters and their optimizer), and with extra aux
+    updates and an aux warm-up (done once, before step 1: the resumed half must not redo it)."""
     full, split = tmp_path / "full", tmp_path / "split"
     first = _train(*_args(teacher_path, full, 6, precision=precision), *flags)
     assert ("first step with torch.compile (aot_eager)" in first.stderr) == ("--compile" in flags)
