@@ -182,7 +182,8 @@ def add_arguments(p):
     p.add_argument("--eval-every", type=int, default=50, help="steps between error evaluations")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}); known: {', '.join(VARIANTS)}")
+                   help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}); "
+                        f"known: {', '.join(VARIANTS)}")
     p.add_argument("--tag", default="gmm", help="results file stem (default: gmm → gmm.json, gmm.png)")
 
 

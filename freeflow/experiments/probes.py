@@ -19,8 +19,17 @@ import os
 import statistics
 
 from ..demo import ASSETS_DIR, DEMO_TEACHER_FILE
-from .common import Scorer, environment, load_teacher, plot, run_seconds, score_checkpoints, teacher_baselines, \
-    train_run, write_json
+from .common import (
+    Scorer,
+    environment,
+    load_teacher,
+    plot,
+    run_seconds,
+    score_checkpoints,
+    teacher_baselines,
+    train_run,
+    write_json,
+)
 
 # The preset as shipped, on one thread (two probes share the two cores).
 BASE = {"teacher_ckpt": str(ASSETS_DIR / DEMO_TEACHER_FILE), "gw_min": 1.0, "gw_max": 2.0, "threads": 1}
@@ -82,8 +91,8 @@ def run(args) -> dict:
         raise ValueError(f"--score-every ({args.score_every}) must be a multiple of --ckpt-every ({args.ckpt_every})")
     names, seeds = _names(args.only), [int(s) for s in args.seeds.split(",")]
     teacher, scorer = load_teacher(BASE["teacher_ckpt"]), Scorer(n=args.samples, gw=GW)
-    baselines = teacher_baselines(scorer, teacher, os.path.join(args.out, f"teacher_fd-mnist_teacher_long-gw={GW:g}.json"),
-                                  teacher_ckpt=BASE["teacher_ckpt"])
+    cache = os.path.join(args.out, f"teacher_fd-mnist_teacher_long-gw={GW:g}.json")
+    baselines = teacher_baselines(scorer, teacher, cache, teacher_ckpt=BASE["teacher_ckpt"])
     for name in names:
         for seed in seeds:
             run_dir = os.path.join(args.runs, "probes", f"{_file(name)}-seed{seed}")
