@@ -11,7 +11,7 @@ import textwrap
 from dataclasses import dataclass, fields
 
 from .distill import DistillConfig
-from .kernels import check_backend
+from .kernels._dispatch import check_backend
 
 
 @dataclass
@@ -68,8 +68,9 @@ class TrainConfig:
     tf32: bool = True
     """TF32 for fp32 matmuls and convolutions on CUDA (--no-tf32 turns both off)."""
     threads: int = 0
-    """CPU threads per process (torch.set_num_threads). 0: the cores the 1-minute load average leaves idle, at
-    least 1 (torch's default where OMP_NUM_THREADS is set, as torchrun does)."""
+    """CPU threads per process (torch.set_num_threads). 0: every core the process may use (torch's default where
+    OMP_NUM_THREADS is set, as torchrun does), with OpenMP's idle workers sleeping (OMP_WAIT_POLICY=PASSIVE, set
+    by python -m freeflow.train unless already set) so that a busy machine costs no spinning."""
     backend: str = "auto"
     """Kernels: "auto" (Triton on CUDA), "reference" or "triton"."""
     compile: bool = False

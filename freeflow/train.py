@@ -16,7 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
+if __name__ == "__main__":  # python -m freeflow.train: before torch (and its OpenMP runtime) loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers sleep: see default_threads()
+
+import torch  # noqa: E402
 
 from .checkpointing import CheckpointDir
 from .config import TrainConfig, config_dict, parse_args
@@ -36,22 +39,24 @@ def teacher_path(cfg: TrainConfig) -> str:
     return cfg.teacher_ckpt or BUNDLED_TEACHERS.get(cfg.preset, "")
 
 
-def idle_threads() -> int:
-    """CPU threads for ``--threads 0``: the cores the 1-minute load average leaves idle, at least 1.
+def default_threads() -> int:
+    """CPU threads for ``--threads 0``: every core this process may run on; where OMP_NUM_THREADS is set
+    (torchrun sets 1) torch already follows it.
 
-    Oversubscribed OpenMP workers spin instead of sleeping, so one thread too many costs far more than one too
-    few (docs/demo.md, Threads). Where OMP_NUM_THREADS is set (torchrun sets 1) torch already follows it."""
+    What made extra threads costly on a busy machine was OpenMP's busy-waiting: an idle worker spins for its
+    next task and takes the core from whatever else runs there. ``python -m freeflow.train`` sets
+    ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before torch loads, so idle workers sleep, and the rule no
+    longer depends on what ran a minute earlier (docs/demo.md, Threads, has the measurements)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def kernel_environment() -> dict:
-    """The ``FREEFLOW_*`` / ``TRITON_INTERPRET`` settings that change which kernels run and how (recorded in
-    config.json: a run's numbers depend on them)."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FREEFLOW_") or k == "TRITON_INTERPRET"}
+    """The ``FREEFLOW_*`` / ``TRITON_INTERPRET`` settings that change which kernels run and how, and the OpenMP
+    settings that change the speed (recorded in config.json: a run's numbers depend on them)."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("FREEFLOW_") or k in ("TRITON_INTERPRET", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
 
 
 def load_teacher(cfg: TrainConfig, device) -> DiT:
@@ -280,7 +285,7 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     if cfg.batch_size % procs.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {procs.world}")
     set_matmul_precision(cfg, device)
-    torch.set_num_threads(cfg.threads or idle_threads())
+    torch.set_num_threads(cfg.threads or default_threads())
     torch.manual_seed(cfg.seed)  # model-side randomness (LoRA init); the training stream has its own generator
 
     teacher = load_teacher(cfg, device)
@@ -381,7 +386,8 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
             from .demo.evaluate import evaluate_student
 
             result.update(evaluate_student(ema, adapter, samples=cfg.eval_samples, gw=cfg.eval_gw,
-                                           teacher_steps=cfg.teacher_steps, seed=cfg.seed + 777, device=device))
+                                           teacher_steps=cfg.teacher_steps, seed=cfg.seed + 777, device=device,
+                                           teacher_path=teacher_path(cfg)))
             with open(os.path.join(cfg.out, "eval.json"), "w") as f:
                 json.dump(result, f, indent=2)
     return result

@@ -8,6 +8,8 @@ Reproducible from ``--seed`` on CPU, from the 5,000 MNIST digits bundled with ml
               matching with classifier-free-guidance label dropout, saved as its EMA
     eval      the teacher's FD at 1-32 Euler/Heun steps with CFG, a guidance-scale sweep, the real-data
               floor, and a sample grid (teacher_samples.png)
+    table     the mnist preset's teacher table (its FDs and endpoints at the preset's evaluation settings), so
+              the demo's evaluation samples only the student (freeflow.demo.evaluate.teacher_table)
     readme    assets/README.md from the recorded figures (pretrain_log.json)
 """
 from __future__ import annotations
@@ -76,6 +78,9 @@ def render_readme(out: Path) -> str:
     t = rec.get("teacher")
     if t:
         lines += ["## `mnist_teacher.pt` — class-conditional flow teacher", "",
+                  "What `--what teacher` builds. The package does not ship this first, 3,600-step build: it lives "
+                  "with the experiments (`freeflow/experiments/assets/`, outside the wheel), which distil it; the "
+                  f"demo distils `{LONG_TEACHER_FILE}` (below), the same recipe trained 4× longer.", "",
                   "`freeflow.models.DiT(DiTConfig(**config), family=\"internal\")`, saved as its EMA with "
                   "`freeflow.models.save_checkpoint`; load with `freeflow.models.load_checkpoint(path)`.",
                   f"Config: `{t['arch']}` ({t['params'] / 1e6:.3f} M parameters).", "",
@@ -87,7 +92,7 @@ def render_readme(out: Path) -> str:
                   f"steps, cosine to 10 %), grad clip {t['grad_clip']}, EMA {t['ema_decay']}, no augmentation",
                   f"- time: {t['seconds'] / 60:.1f} min on {t['threads']} thread(s) of a shared 2-core CPU "
                   f"({t['seconds'] / t['steps']:.3f} s/step); final loss (mean of last 500) {t['final_loss']:.4f}",
-                  f"- size {_size(out / TEACHER_FILE)}", ""]
+                  *([f"- size {_size(out / TEACHER_FILE)}"] if (out / TEACHER_FILE).is_file() else []), ""]
     e = rec.get("eval")
     if e:
         sweep = ", ".join(f"γ={g}: {v:.2f}" for g, v in e["gamma_sweep"].items())
@@ -111,6 +116,15 @@ def render_readme(out: Path) -> str:
                   "record and FD table are in the repository's docs/experiments.md (\"A teacher worth "
                   "distilling\") and docs/experiments/teacher.json. The `mnist` preset distils it "
                   "(`python -m freeflow.train`, γ ∈ [1, 2], evaluated at 1.25).", ""]
+    from .evaluate import TABLE_FILE
+
+    if (out / TABLE_FILE).is_file():
+        lines += [f"## `{TABLE_FILE}` — the demo's teacher table", "",
+                  "The teacher's half of the demo's evaluation (its FD at Heun 1 / 2 / 4 / 32 steps and its 32-step "
+                  "endpoints, fp32) at the `mnist` preset's settings, keyed by the teacher file's SHA-256, the "
+                  "samples, γ, steps, seed, batch, device type and autocast: the demo then samples only the student. "
+                  "Built by `python -m freeflow.demo.assets --what table`; a test checks it against a fresh "
+                  f"computation. Size {_size(out / TABLE_FILE)}.", ""]
     env = rec.get("environment")
     if env:
         lines += ["## Environment", "", f"torch {env['torch']}, numpy {env['numpy']}, Python {env['python']}, "
@@ -119,13 +133,14 @@ def render_readme(out: Path) -> str:
     return "\n".join(lines)
 
 
-WHATS = ("features", "stats", "teacher", "eval", "readme", "all")
+WHATS = ("features", "stats", "teacher", "eval", "table", "readme", "all")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m freeflow.demo.assets", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", default="all", choices=WHATS,
-                   help="what to build; 'all' = features, stats, teacher, eval, readme (in that order)")
+                   help="what to build; 'all' = features, stats, teacher, eval, readme (in that order); 'table' "
+                        "(the demo's teacher table, from the shipped demo teacher) is built on its own")
     p.add_argument("--out", default=str(ASSETS_DIR), help="asset directory (default: the package's assets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -216,6 +231,26 @@ def build_eval(args, out, images):
     _write_log(out, "eval", {**res, "command": _command(args, "eval")})
 
 
+def build_table(args, out):
+    """The teacher table of the mnist preset's evaluation (its settings read from the preset, so they agree)."""
+    from ..config import parse_args as train_args
+    from ..distill import TeacherAdapter
+    from . import DEMO_TEACHER_FILE
+    from .evaluate import TABLE_FILE, teacher_table
+
+    cfg, _ = train_args([])
+    teacher_file = out / DEMO_TEACHER_FILE
+    model = load_checkpoint(str(teacher_file), backend="reference").eval()
+    c = model.config
+    common = dict(n=cfg.eval_samples, batch=500, shape=(c.in_channels, *(g * c.patch_size for g in c.grid)),
+                  num_classes=c.num_classes, gw=cfg.eval_gw, seed=cfg.seed + 777, device=torch.device("cpu"),
+                  teacher_steps=cfg.teacher_steps)
+    target = out / TABLE_FILE
+    table, _ = teacher_table(TeacherAdapter(model, c.num_classes), teacher_file, common, write_to=target)
+    print(f"[table] {teacher_file.name}: Heun FD " + ", ".join(f"{s}: {fd:.3f}" for s, fd in table["fd"].items())
+          + f" ({len(table['endpoints'])} endpoints) -> {target}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,7 +259,7 @@ def main(argv=None):
     _write_log(out, "environment", dict(torch=torch.__version__, numpy=np.__version__,
                                         python=platform.python_version(), threads=args.threads))
     todo = ("features", "stats", "teacher", "eval", "readme") if args.what == "all" else (args.what,)
-    images, labels = load_digits() if set(todo) - {"readme"} else (None, None)
+    images, labels = load_digits() if set(todo) - {"readme", "table"} else (None, None)
     for what in todo:
         if what == "features":
             build_features(args, out, images, labels)
@@ -234,6 +269,8 @@ def main(argv=None):
             build_teacher(args, out, images, labels)
         elif what == "eval":
             build_eval(args, out, images)
+        elif what == "table":
+            build_table(args, out)
         (out / "README.md").write_text(render_readme(out))
 
 

@@ -7,8 +7,6 @@ import sys
 
 import torch
 
-from .common import RESULTS_DIR, RUNS_DIR
-
 NAMES = ("convergence", "ablation", "mismatch", "teacher", "gmm", "probes")
 
 
@@ -21,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f".{name}", __package__)
         q = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        q.add_argument("--out", default=RESULTS_DIR, help=f"results folder (default: {RESULTS_DIR})")
-        q.add_argument("--runs", default=RUNS_DIR, help=f"training runs folder (default: {RUNS_DIR})")
+        q.add_argument("--out", required=True, help="results folder (docs/experiments for the committed results)")
+        q.add_argument("--runs", required=True, help="training runs folder (checkpoints; e.g. runs/experiments)")
         q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
         module.add_arguments(q)
     return p

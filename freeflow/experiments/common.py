@@ -15,12 +15,13 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpointing import atomic_path
-from ..demo import ASSETS_DIR, TEACHER_FILE
+from ..demo import TEACHER_FILE
 from ..demo.data import load_digits
 from ..demo.features import extract_features, load_feature_net, load_reference_stats
 from ..distill import TeacherAdapter
@@ -28,8 +29,8 @@ from ..evaluate import precision_recall
 from ..frechet import frechet_distance
 from ..models import FlowMapStudent, load_checkpoint, student_depth
 
-RESULTS_DIR = "docs/experiments"
-RUNS_DIR = "runs/experiments"
+LAB_ASSETS = Path(__file__).resolve().parent / "assets"
+STUDY_TEACHER = LAB_ASSETS / TEACHER_FILE  # the first demo teacher (3,600 steps): the studies' teacher
 _CKPT = re.compile(r"step_(\d+)\.pt$")
 
 
@@ -42,7 +43,7 @@ STUDY_BASE = {"corr_guidance_interval": (0.0, 0.7)}
 # Every study run distils the first bundled teacher over the γ range the preset had then ([1.5, 2.5]), on one
 # thread (the runs share the cores); the preset has since moved to the longer teacher, [1, 2] and the idle
 # cores. A run that distils another teacher overrides the first three.
-STUDY_SETUP = {"teacher_ckpt": str(ASSETS_DIR / TEACHER_FILE), "gw_min": 1.5, "gw_max": 2.5, "threads": 1}
+STUDY_SETUP = {"teacher_ckpt": str(STUDY_TEACHER), "gw_min": 1.5, "gw_max": 2.5, "threads": 1}
 
 
 def convergence_run(runs: str, steps: int) -> str | None:
@@ -96,7 +97,7 @@ def run_seconds(run_dir: str) -> float:
 
 
 def load_teacher(path: str = "") -> torch.nn.Module:
-    return load_checkpoint(path or str(ASSETS_DIR / TEACHER_FILE), backend="reference").eval().requires_grad_(False)
+    return load_checkpoint(path or str(STUDY_TEACHER), backend="reference").eval().requires_grad_(False)
 
 
 def student_at(teacher, ckpt_path: str) -> FlowMapStudent:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import freeflow.kernels as K
+from freeflow.kernels._dispatch import check_backend
 from freeflow.kernels.block import block_forward, block_jvp, chunks, final_layer_forward, modulate, modulation
 
 from ..conventions import FAMILIES
@@ -312,7 +313,7 @@ class DiT(nn.Module):
             config = DiTConfig(**{**config.to_dict(), **kwargs})
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        K.check_backend(backend)
+        check_backend(backend)
         self.config, self.family, self.backend = config, family, backend
         c = config
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)

@@ -110,3 +110,21 @@ def test_importing_distill_loads_neither_triton_nor_the_model_code():
                          env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_kernels_export_the_ops_users_call_and_keep_references_and_dispatch_one_level_down():
+    """``freeflow.kernels`` is the product's surface: every exported name is an op (with its ``_jvp`` twin) or
+    ``patch_dit``; each op's reference lives beside its kernel, importable from the op's module."""
+    import importlib
+
+    import freeflow.kernels as K
+
+    assert set(K.__all__) == {n for n in dir(K) if not n.startswith("_") and callable(getattr(K, n))}
+    assert not [n for n in K.__all__ if n.endswith("_reference") or n in ("check_backend", "use_triton")]
+    ops = [n for n in K.__all__ if n != "patch_dit"]
+    assert all((n[:-4] if n.endswith("_jvp") else n + "_jvp") in ops for n in ops)  # each op with its tangent twin
+    for module, names in {"adaln": ["adaln_modulate", "gated_residual", "gated_residual_modulate"],
+                          "gelu": ["bias_gelu"], "flash_attention": ["attention"]}.items():
+        mod = importlib.import_module(f"freeflow.kernels.{module}")
+        for name in names:
+            assert callable(getattr(mod, f"{name}_reference")) and callable(getattr(mod, f"{name}_jvp_reference"))

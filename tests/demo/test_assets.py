@@ -174,11 +174,11 @@ def _digit_hits(model, net, n=50):
     return (pred == torch.arange(n) % 10).view(-1, 10).sum(0)
 
 
-def test_shipped_teacher_loads_and_draws_the_requested_digits():
+def test_shipped_demo_teacher_loads_and_draws_the_requested_digits():
     # The reference kernels, as on a CPU without the test-suite's interpreter: this test is about the shipped
     # weights (the Triton kernels are compared with the references in tests/kernels and tests/models); through
     # the interpreter it took 211 s for 20 samples, on the references 50 samples take ~2 s.
-    model = load_checkpoint(str(demo.ASSETS_DIR / demo.TEACHER_FILE), backend="reference")
+    model = load_checkpoint(str(demo.ASSETS_DIR / demo.DEMO_TEACHER_FILE), backend="reference")
     assert model.family == "internal"
     assert {k: getattr(model.config, k) for k in teacher.TEACHER_ARCH} == teacher.TEACHER_ARCH
     net = features.load_feature_net()

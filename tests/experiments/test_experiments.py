@@ -121,7 +121,8 @@ def test_data_based_baseline_resumes_to_the_same_student(tmp_path):
 
 def test_gmm_experiment_writes_results_that_start_at_one_euler_step(tmp_path):
     out = str(tmp_path)
-    assert cli.main(["gmm", "--out", out, "--steps", "30", "--eval-every", "10", "--seeds", "0"]) == 0
+    assert cli.main(["gmm", "--out", out, "--runs", out, "--steps", "30", "--eval-every", "10", "--seeds", "0",
+                     "--variants", "both,prediction only,fixed lambda 0.1"]) == 0
     with open(os.path.join(out, "gmm.json")) as f:
         r = json.load(f)
     euler1 = r["teacher_euler"]["1"]
@@ -131,6 +132,9 @@ def test_gmm_experiment_writes_results_that_start_at_one_euler_step(tmp_path):
         assert curve[0][1] == pytest.approx(euler1, rel=1e-6)  # zero-initialised student = 1 Euler step
     assert r["variants"]["both"]["final_mean"] < euler1
     assert r["teacher_euler"]["8"] < r["teacher_euler"]["2"] < euler1
+    energy = r["teacher_euler_energy"]  # the distance between distributions also falls with Euler steps
+    assert energy["8"] < energy["2"] < energy["1"]
+    assert r["variants"]["fixed lambda 0.1"]["runs"][0]["lambda"] == pytest.approx(0.1)
     assert os.path.isfile(os.path.join(out, "gmm.png"))
 
 
@@ -144,7 +148,34 @@ def test_cli_lists_every_experiment_and_rejects_bad_input(capsys, tmp_path):
     assert e.value.code == 2
     assert cli.main(["ablation", "--only", "9", "--out", str(tmp_path), "--runs", str(tmp_path)]) == 2
     assert "--only" in capsys.readouterr().err
+    assert cli.main(["probes", "--only", "nope", "--out", str(tmp_path), "--runs", str(tmp_path)]) == 2
+    assert "unknown probes ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an experiment writes only where it is told
+        cli.main(["gmm", "--steps", "1"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
 
+
+def _probe_record(name, seed, fd, recall=0.7):
+    curve = [{"step": 0, "fd": 600.0}, {"step": 1000, "fd": fd + 1}, {"step": 2000, "fd": fd, "recall": recall,
+                                                                       "precision": 0.8, "class_entropy_bits": 3.3}]
+    return {"probe": name, "seed": seed, "curve": curve, "train_seconds": 10.0, "teacher_heun32_fd": 9.2}
+
+
+def test_probe_summary_reports_seed_spreads_and_calls_a_difference_inside_them_no_difference(tmp_path):
+    from freeflow.experiments.common import write_json
+    from freeflow.experiments.probes import summarise
+
+    runs = {("base", 0): 20.0, ("base", 1): 22.0, ("near", 0): 20.5, ("near", 1): 21.7,
+            ("better", 0): 15.0, ("better", 1): 16.0, ("worse", 0): 30.0, ("worse", 1): 31.0}
+    for (name, seed), fd in runs.items():
+        write_json(str(tmp_path / "probes" / f"{name}-seed{seed}.json"), _probe_record(name, seed, fd))
+    table = summarise(str(tmp_path))["probes"]
+    assert table["base"]["fd"]["mean"] == 21.0 and (table["base"]["fd"]["min"], table["base"]["fd"]["max"]) == (20, 22)
+    assert table["base"]["fd_at_1000"]["mean"] == 22.0
+    assert table["near"]["verdict"].startswith("no difference")  # 0.1 apart, the base spreads over 2
+    assert table["better"]["verdict"] == "better" and table["better"]["fd_minus_base"] == pytest.approx(-5.5)
+    assert table["worse"]["verdict"] == "worse"
+    assert os.path.isfile(tmp_path / "probes.json")
 
 @pytest.mark.slow
 def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path, monkeypatch):
@@ -232,3 +263,32 @@ def test_convergence_of_another_teacher_scores_it_at_its_own_guidance(tmp_path, 
     assert convergence.run_name(True, convergence.parse_overrides([f"teacher_ckpt={other}", "lr=0.5"]), 1.5) == \
         "convergence-preset-teacher_ckpt=other_teacher-lr=0.5-gw=1.5"
     assert convergence.run_name(False, {}) == "convergence"
+
+
+@pytest.mark.slow
+def test_probes_train_each_probe_and_seed_in_its_own_run_and_score_it(tmp_path, monkeypatch):
+    from freeflow.experiments import probes
+
+    passed = []
+
+    def small_train_run(run_dir, steps, ckpt_every, overrides=None):  # the reference kernels, a small batch
+        passed.append((os.path.basename(run_dir), overrides))
+        return train_run(run_dir, steps, ckpt_every, {**overrides, "batch_size": 8, "backend": "reference"})
+
+    monkeypatch.setattr(probes, "train_run", small_train_run)
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    argv = ["probes", "--only", "base,balance-weighted", "--seeds", "3", "--steps", "2", "--ckpt-every", "1",
+            "--score-every", "2", "--samples", "100", "--out", out, "--runs", runs]
+    assert cli.main(argv) == 0
+    assert [name for name, _ in passed] == ["base-seed3", "balance-weighted-seed3"]
+    assert passed[1][1] == {**probes.BASE, "balance": "weighted", "seed": 3}
+    with open(os.path.join(runs, "probes", "balance-weighted-seed3", "config.json")) as f:
+        config = json.load(f)
+    assert config["distill"]["balance"] == "weighted" and config["train"]["seed"] == 3
+    assert os.path.basename(config["teacher_path"]) == "mnist_teacher_long.pt"
+    with open(os.path.join(out, "probes", "base-seed3.json")) as f:
+        record = json.load(f)
+    assert [r["step"] for r in record["curve"]] == [0, 2] and "recall" in record["curve"][-1]
+    assert record["scorer"]["gw"] == 1.25
+    with open(os.path.join(out, "probes.json")) as f:
+        assert set(json.load(f)["probes"]) == {"base", "balance-weighted"}

@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 from checks import make_check
 
 import freeflow.kernels as K
-from freeflow.kernels._dispatch import refresh_settings
+from freeflow.kernels._dispatch import refresh_settings, use_triton
 from freeflow.kernels.adaln import (
     adaln_modulate_jvp_reference,
     adaln_modulate_reference,
@@ -120,10 +120,10 @@ def test_dispatch_and_validation(device, monkeypatch):
     try:
         monkeypatch.setenv("FREEFLOW_KERNELS", "reference")
         refresh_settings()
-        assert not K.use_triton(x)
+        assert not use_triton(x)
         monkeypatch.setenv("FREEFLOW_KERNELS", "auto")
         refresh_settings()
-        assert K.use_triton(x)  # CUDA tensors, or CPU tensors + TRITON_INTERPRET=1
+        assert use_triton(x)  # CUDA tensors, or CPU tensors + TRITON_INTERPRET=1
         monkeypatch.setenv("FREEFLOW_KERNELS", "cuda")
         refresh_settings()  # a bad value fails the op calls that need it, naming the variable
         with pytest.raises(ValueError, match="FREEFLOW_KERNELS must be one of"):

@@ -202,14 +202,15 @@ def test_wandb_logs_the_config_and_every_metrics_row(tmp_path):
 
 
 def test_the_mnist_preset_distils_the_long_teacher_and_evaluates_inside_its_guidance_range():
-    from freeflow.demo import ASSETS_DIR, LONG_TEACHER_FILE, TEACHER_FILE
+    from freeflow.demo import ASSETS_DIR, LONG_TEACHER_FILE
+    from freeflow.experiments.common import STUDY_TEACHER
     from freeflow.models import load_checkpoint
     from freeflow.train import load_teacher
 
     tc, dc = parse_args([])
     teacher = load_teacher(tc, torch.device("cpu"))
     want = load_checkpoint(str(ASSETS_DIR / LONG_TEACHER_FILE)).state_dict()
-    first = load_checkpoint(str(ASSETS_DIR / TEACHER_FILE)).state_dict()
+    first = load_checkpoint(str(STUDY_TEACHER)).state_dict()
     got = teacher.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not all(torch.equal(got[k], first[k]) for k in first)
@@ -217,14 +218,31 @@ def test_the_mnist_preset_distils_the_long_teacher_and_evaluates_inside_its_guid
     assert dc.gw_min <= tc.eval_gw <= dc.gw_max
 
 
-@pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 1.0, 1), (2, 3.5, 1), (8, 2.6, 5), (4, 0.4, 4)])
-def test_threads_0_takes_the_cores_the_load_leaves_idle(monkeypatch, cores, load, want):
+@pytest.mark.parametrize("cores", [1, 2, 8])
+@pytest.mark.parametrize("load", [0.0, 3.5])
+def test_threads_0_takes_every_core_whatever_ran_a_minute_earlier(monkeypatch, cores, load):
     from freeflow import train
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(train.os, "getloadavg", lambda: (load, 0.0, 0.0), raising=False)
-    assert train.idle_threads() == want
+    assert train.default_threads() == cores
     # torchrun (and anyone else) setting OMP_NUM_THREADS decides instead: torch already follows it.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert train.idle_threads() == torch.get_num_threads()
+    assert train.default_threads() == torch.get_num_threads()
+
+
+def test_the_trainer_makes_idle_openmp_workers_sleep_before_torch_loads_and_records_it():
+    """``python -m freeflow.train`` sets OMP_WAIT_POLICY=PASSIVE before torch (libgomp reads it once, at load),
+    keeps a value the user set, and config.json's environment records what ran."""
+    code = ("import runpy, sys; sys.argv = ['freeflow.train', '--help']\n"
+            "try:\n    runpy.run_module('freeflow.train', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "import os; from freeflow.train import kernel_environment\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), kernel_environment().get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-2:] == ["PASSIVE", "PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split()[-2:] == ["ACTIVE", "ACTIVE"]
