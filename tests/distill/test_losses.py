@@ -399,6 +399,12 @@ def test_installed_wheel_ships_the_sources_the_jit_fallback_compiles(tmp_path):
                            env={**os.environ, "FREEFLOW_NO_EXT": "1"})
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("freeflow-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    # The library and what the demo reads ship; the lab (experiments and the teacher only they use) does not.
+    assert not [n for n in names if n.startswith("freeflow/experiments")]
+    assert {"freeflow/train.py", "freeflow/kernels/flash_attention.py", "freeflow/assets/mnist_teacher_long.pt",
+            "freeflow/assets/mnist_teacher_long_eval.pt", "freeflow/assets/mnist_features.pt"} <= set(names)
+    assert "freeflow/assets/mnist_teacher.pt" not in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import json, os, freeflow._ext as e; "
