@@ -73,8 +73,9 @@ def test_a_torn_cache_file_is_a_miss_not_an_error(tmp_path):
 def test_shipped_teacher_table_is_the_demo_s_and_equals_a_fresh_computation():
     """The table shipped with the assets is found for the mnist preset's own evaluation (so the demo samples only
     its student), and its figures are what the teacher gives when sampled afresh: its Heun 1/2 FDs over all
-    1,500 samples (Heun 4 costs as much as the rest of the test: it is built by the same loop), its FD 32 from its endpoints, and 64 endpoints re-sampled with 32 Heun steps from the noises
-    and classes the evaluation draws (written out here: per batch of 500, the noises, then the classes)."""
+    1,500 samples (Heun 4 would cost as much as the rest of the test; the same loop builds it), its FD 32 from
+    its endpoints, and 64 endpoints re-sampled with 32 Heun steps from the noises and classes the evaluation
+    draws (written out here: per batch of 500, the noises, then the classes)."""
     cfg, _ = parse_args([])
     path = demo.ASSETS_DIR / demo.DEMO_TEACHER_FILE
     model = load_checkpoint(str(path), backend="reference").eval()
