@@ -68,9 +68,9 @@ class TrainConfig:
     tf32: bool = True
     """TF32 for fp32 matmuls and convolutions on CUDA (--no-tf32 turns both off)."""
     threads: int = 0
-    """CPU threads per process (torch.set_num_threads). 0: every core the process may use (torch's default where
-    OMP_NUM_THREADS is set, as torchrun does), with OpenMP's idle workers sleeping (OMP_WAIT_POLICY=PASSIVE, set
-    by python -m freeflow.train unless already set) so that a busy machine costs no spinning."""
+    """CPU threads per process (torch.set_num_threads). 0: all cores or 1, whichever a second of timing at start
+    finds faster on the machine as it is (a resumed run keeps the count it recorded; torch's default where
+    OMP_NUM_THREADS is set, as torchrun does)."""
     backend: str = "auto"
     """Kernels: "auto" (Triton on CUDA), "reference" or "triton"."""
     compile: bool = False

@@ -16,10 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-if __name__ == "__main__":  # python -m freeflow.train: before torch (and its OpenMP runtime) loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers sleep: see default_threads()
-
-import torch  # noqa: E402
+import torch
 
 from .checkpointing import CheckpointDir
 from .config import TrainConfig, config_dict, parse_args
@@ -39,24 +36,70 @@ def teacher_path(cfg: TrainConfig) -> str:
     return cfg.teacher_ckpt or BUNDLED_TEACHERS.get(cfg.preset, "")
 
 
-def default_threads() -> int:
-    """CPU threads for ``--threads 0``: every core this process may run on; where OMP_NUM_THREADS is set
-    (torchrun sets 1) torch already follows it.
+def _thread_workload():
+    """A fixed CPU workload: ten rounds of GEMM, GELU and LayerNorm on 2,048 × 256 (about 35 ms on one core).
+    Of the workloads tried on the 2-core machine (docs/demo.md, Threads) it told the two states apart most
+    clearly: 1.8–1.9× faster on 2 threads when idle, 0.91–0.94× when another process held a core."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2048, 256, generator=g), torch.randn(256, 256, generator=g)
 
-    What made extra threads costly on a busy machine was OpenMP's busy-waiting: an idle worker spins for its
-    next task and takes the core from whatever else runs there. ``python -m freeflow.train`` sets
-    ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before torch loads, so idle workers sleep, and the rule no
-    longer depends on what ran a minute earlier (docs/demo.md, Threads, has the measurements)."""
+    def work():
+        for _ in range(10):
+            torch.nn.functional.layer_norm(torch.nn.functional.gelu(x @ w), (256,))
+    return work
+
+
+def probe_threads(cores: int, *, repeats: int = 7, margin: float = 1.2) -> tuple[int, dict]:
+    """``(threads, seconds)``: time the workload on 1 thread and on ``cores``, now, and keep ``cores`` only when it
+    is at least ``margin`` times faster. On an idle machine the cores win; when another process holds a core,
+    OpenMP's spin-waiting workers make every extra thread a loss (docs/demo.md, Threads), and 1 wins. The two
+    counts alternate and each keeps its best time, so that a passing disturbance does not favour one."""
+    work, seconds = _thread_workload(), {1: math.inf, cores: math.inf}
+    before = torch.get_num_threads()
+    try:
+        for n in seconds:  # warm-up: each count's thread pool and the allocator
+            torch.set_num_threads(n)
+            work()
+        for _ in range(repeats):
+            for n in seconds:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                work()
+                seconds[n] = min(seconds[n], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return (cores if seconds[1] >= margin * seconds[cores] else 1), seconds
+
+
+def default_threads(run_dir: str | None = None) -> int:
+    """CPU threads for ``--threads 0``.
+
+    - Where OMP_NUM_THREADS is set (torchrun sets 1), torch already follows it.
+    - A resumed run keeps the count its ``config.json`` recorded, so that it replays the uninterrupted run (the
+      reduction order depends on the thread count).
+    - Otherwise :func:`probe_threads` decides from a second of timing on the machine as it is now, not from the
+      load average of the minute before (which, right after ``pip install``, said "busy" on an idle machine).
+    """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    recorded = os.path.join(run_dir, "config.json") if run_dir else ""
+    if recorded and os.path.isfile(recorded):
+        try:
+            with open(recorded) as f:
+                used = json.load(f).get("threads_used")
+            if isinstance(used, int) and used >= 1:
+                return used
+        except (OSError, ValueError):
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores == 1 else probe_threads(cores)[0]
 
 
 def kernel_environment() -> dict:
     """The ``FREEFLOW_*`` / ``TRITON_INTERPRET`` settings that change which kernels run and how, and the OpenMP
     settings that change the speed (recorded in config.json: a run's numbers depend on them)."""
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith("FREEFLOW_") or k in ("TRITON_INTERPRET", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FREEFLOW_")
+            or k in ("TRITON_INTERPRET", "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
 
 
 def load_teacher(cfg: TrainConfig, device) -> DiT:
@@ -285,7 +328,10 @@ def run(cfg: TrainConfig, dcfg: DistillConfig, procs: Processes) -> dict:
     if cfg.batch_size % procs.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {procs.world}")
     set_matmul_precision(cfg, device)
-    torch.set_num_threads(cfg.threads or default_threads())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(default_threads(cfg.out if cfg.resume else None))
     torch.manual_seed(cfg.seed)  # model-side randomness (LoRA init); the training stream has its own generator
 
     teacher = load_teacher(cfg, device)

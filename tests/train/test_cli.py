@@ -218,31 +218,36 @@ def test_the_mnist_preset_distils_the_long_teacher_and_evaluates_inside_its_guid
     assert dc.gw_min <= tc.eval_gw <= dc.gw_max
 
 
-@pytest.mark.parametrize("cores", [1, 2, 8])
-@pytest.mark.parametrize("load", [0.0, 3.5])
-def test_threads_0_takes_every_core_whatever_ran_a_minute_earlier(monkeypatch, cores, load):
+@pytest.mark.parametrize("one, many, want", [(0.02, 0.005, 4), (0.005, 0.02, 1), (0.02, 0.017, 1)],
+                         ids=["cores-faster", "one-faster", "cores-inside-the-margin"])
+def test_threads_0_keeps_what_a_timing_now_finds_faster(monkeypatch, one, many, want):
+    """The rule times the workload on 1 thread and on all cores (real time, here a workload whose duration
+    depends on the thread count it runs with) and keeps all cores only when they are clearly faster."""
+    import time
+
     from freeflow import train
 
+    monkeypatch.setattr(train, "_thread_workload",
+                        lambda: lambda: time.sleep(one if torch.get_num_threads() == 1 else many))
+    before = torch.get_num_threads()
+    threads, seconds = train.probe_threads(4)
+    assert threads == want and set(seconds) == {1, 4}
+    assert seconds[1] == pytest.approx(one, abs=0.01) and seconds[4] == pytest.approx(many, abs=0.01)
+    assert torch.get_num_threads() == before  # the probe leaves the count as it found it
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (load, 0.0, 0.0), raising=False)
-    assert train.default_threads() == cores
-    # torchrun (and anyone else) setting OMP_NUM_THREADS decides instead: torch already follows it.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert train.default_threads() == torch.get_num_threads()
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (3.5, 0.0, 0.0), raising=False)  # no longer read
+    assert train.default_threads() == want
 
 
-def test_the_trainer_makes_idle_openmp_workers_sleep_before_torch_loads_and_records_it():
-    """``python -m freeflow.train`` sets OMP_WAIT_POLICY=PASSIVE before torch (libgomp reads it once, at load),
-    keeps a value the user set, and config.json's environment records what ran."""
-    code = ("import runpy, sys; sys.argv = ['freeflow.train', '--help']\n"
-            "try:\n    runpy.run_module('freeflow.train', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "import os; from freeflow.train import kernel_environment\n"
-            "print(os.environ.get('OMP_WAIT_POLICY'), kernel_environment().get('OMP_WAIT_POLICY'))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split()[-2:] == ["PASSIVE", "PASSIVE"]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
-    assert out.stdout.split()[-2:] == ["ACTIVE", "ACTIVE"]
+def test_threads_0_follows_omp_num_threads_and_a_resumed_run_keeps_its_recorded_count(monkeypatch, tmp_path):
+    from freeflow import train
+
+    monkeypatch.setattr(train, "probe_threads", lambda cores: pytest.fail("no timing expected"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun (and anyone else) decides: torch already follows it
+    assert train.default_threads(str(tmp_path)) == torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    (tmp_path / "config.json").write_text(json.dumps({"threads_used": 3}))
+    assert train.default_threads(str(tmp_path)) == 3  # the same reduction order as before the kill
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert train.default_threads(None) == 1  # one core: nothing to time
