@@ -35,7 +35,9 @@ MODE_CLASS = torch.arange(8) % NUM_CLASSES
 CONFIG = dict(power=0.0, alpha=0.1, gw_min=1.0, gw_max=1.0)
 VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction only": {"pred_fraction": 0.0},
             "alpha 0.03": {"alpha": 0.03}, "alpha 0.3": {"alpha": 0.3}, "alpha 1": {"alpha": 1.0},
-            "fixed lambda 0.1": {"balance": "fixed", "alpha": 0.1}}
+            "fixed lambda 0.1": {"balance": "fixed", "alpha": 0.1},
+            # the aux network's pace (training options, not DistillConfig fields)
+            "aux updates 4": {"aux_updates": 4}, "aux lr x3": {"aux_lr": 6e-3}}
 DEFAULT_VARIANTS = ("both", "prediction only", "correction only")
 
 
@@ -155,11 +157,13 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
     """
     torch.manual_seed(seed)
     student, aux = Student(), Aux()
-    config = DistillConfig(**{**CONFIG, **(overrides or {})})
+    overrides = dict(overrides or {})
+    aux_updates, aux_lr = overrides.pop("aux_updates", 1), overrides.pop("aux_lr", lr)
+    config = DistillConfig(**{**CONFIG, **overrides})
     distiller = Distiller(student, gmm_velocity, aux, config, sample_shape=(2,), num_classes=NUM_CLASSES)
     student_opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(student_opt, steps)
-    aux_opt = torch.optim.Adam(aux.parameters(), lr=lr)
+    aux_opt = torch.optim.Adam(aux.parameters(), lr=aux_lr)
     z, y, target = evals if evals is not None else eval_set()
     gw = torch.ones(len(z))
 
@@ -171,6 +175,10 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
     start = time.perf_counter()
     for step in range(1, steps + 1):
         metrics = train_step(distiller, student_opt, aux_opt, batch_size, generator)
+        for _ in range(aux_updates - 1 if config.pred_fraction < 1 else 0):  # fresh correction rows each
+            aux_opt.zero_grad(set_to_none=True)
+            distiller.aux_loss(batch_size, generator).backward()
+            aux_opt.step()
         schedule.step()
         if step == steps or (eval_every and step % eval_every == 0):
             curve.append((step, error()))
