@@ -10,6 +10,7 @@ the first demo teacher (3,600 steps), which only the studies distil; the demo sh
     teacher       a longer-trained demo teacher and its FD table
     gmm           the 2-D mixture: error to the exact endpoint against step, next to the teacher's Euler steps
     probes        the demo preset with one change each, over seeds: what holds the student above its teacher
+    scaling       the demo preset at a large batch for a wall-time budget (a GPU's): FD against prior samples seen
 
 Each writes ``NAME.json`` and ``NAME.png`` under ``--out`` and its training runs and their checkpoints under
 ``--runs`` (both required: an experiment writes only where it is told), so a killed experiment resumes.

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-NAMES = ("convergence", "ablation", "mismatch", "teacher", "gmm", "probes")
+NAMES = ("convergence", "ablation", "mismatch", "teacher", "gmm", "probes", "scaling")
 
 
 def build_parser() -> argparse.ArgumentParser:

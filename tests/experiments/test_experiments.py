@@ -292,3 +292,23 @@ def test_probes_train_each_probe_and_seed_in_its_own_run_and_score_it(tmp_path, 
     assert record["scorer"]["gw"] == 1.25
     with open(os.path.join(out, "probes.json")) as f:
         assert set(json.load(f)["probes"]) == {"base", "balance-weighted"}
+
+
+@pytest.mark.slow
+def test_scaling_trains_until_the_deadline_then_scores_against_prior_samples(tmp_path, monkeypatch):
+    """The trainer runs as a child process and is stopped at the deadline; its checkpoints are scored and the
+    curve is written against steps × batch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the child runs the reference kernels, as a CPU user's would
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    argv = ["scaling", "--batch-size", "8", "--minutes", "0.3", "--device", "cpu", "--ckpt-every", "2",
+            "--every", "4", "--samples", "100", "--out", out, "--runs", runs]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "scaling-b8-cpu.json")) as f:
+        result = json.load(f)
+    assert result["training"]["stopped_at_deadline"] is True  # a million steps do not fit in 18 s
+    steps = [r["step"] for r in result["curve"]]
+    assert steps[0] == 0 and len(steps) >= 2 and steps == sorted(steps)
+    assert all(r["prior_samples"] == 8 * r["step"] for r in result["curve"])
+    assert "recall" in result["curve"][-1] and result["curve"][-1]["fd"] < result["curve"][0]["fd"]
+    with open(os.path.join(runs, "scaling-b8-cpu", "config.json")) as f:
+        assert json.load(f)["train"]["batch_size"] == 8
