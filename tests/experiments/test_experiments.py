@@ -172,8 +172,8 @@ def test_probe_summary_reports_seed_spreads_and_calls_a_difference_inside_them_n
     table = summarise(str(tmp_path))["probes"]
     assert table["base"]["fd"]["mean"] == 21.0 and (table["base"]["fd"]["min"], table["base"]["fd"]["max"]) == (20, 22)
     assert table["base"]["fd_at_1000"]["mean"] == 22.0
-    assert table["near"]["verdict"].startswith("no difference")  # 0.1 apart, the base spreads over 2
-    assert table["better"]["verdict"] == "better" and table["better"]["fd_minus_base"] == pytest.approx(-5.5)
+    assert table["near"]["verdict"].startswith("no difference")  # 0.1 apart; the base's seeds are 1 from its mean
+    assert table["better"]["verdict"] == "better" and table["better"]["fd1000_minus_base"] == pytest.approx(-5.5)
     assert table["worse"]["verdict"] == "worse"
     assert os.path.isfile(tmp_path / "probes.json")
 
