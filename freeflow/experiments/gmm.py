@@ -37,7 +37,9 @@ VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction o
             "alpha 0.03": {"alpha": 0.03}, "alpha 0.3": {"alpha": 0.3}, "alpha 1": {"alpha": 1.0},
             "fixed lambda 0.1": {"balance": "fixed", "alpha": 0.1},
             # the aux network's pace (training options, not DistillConfig fields)
-            "aux updates 4": {"aux_updates": 4}, "aux lr x3": {"aux_lr": 6e-3}}
+            "aux updates 4": {"aux_updates": 4}, "aux lr x3": {"aux_lr": 6e-3},
+            # the correction with an exact g (Monte Carlo velocity of the student's own samples)
+            "oracle aux": {"oracle_aux": True}}
 DEFAULT_VARIANTS = ("both", "prediction only", "correction only")
 
 
@@ -91,6 +93,41 @@ class Aux(nn.Module):
 
     def forward(self, x, t, y, gw):
         return gmm_velocity(x, t, y) + self.net(torch.cat([x, self.emb(y), _features(t)], 1))
+
+
+def student_velocity(student, x, t, y, *, samples=4096, generator=None):
+    """The velocity ``E[n - x₁ | x_t]`` of the student's own one-step distribution, by Monte Carlo over ``samples``
+    of its samples per class (float64): under ``x_t = (1 - t)·x₁ + t·n`` the posterior over the samples ``x₁ᵢ`` has
+    weights ``∝ exp(-‖x_t - (1 - t)x₁ᵢ‖²/2t²)`` and ``E[n - x₁ | x_t, x₁ᵢ] = (x_t - (1 - t)x₁ᵢ)/t - x₁ᵢ``. In two
+    dimensions this is what the aux network ``g_ψ`` estimates, without its estimation error."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    t = t.double().view(-1, 1)
+    for c in y.unique().tolist():
+        rows = y == c
+        with torch.no_grad():
+            z = torch.randn(samples, 2, generator=generator)
+            x1 = one_step_sample(student, z, torch.full((samples,), c), torch.ones(samples)).double()
+        xt, tc = x[rows].double(), t[rows]
+        diff = xt[:, None, :] - (1 - tc[:, :, None]) * x1[None]
+        w = (-(diff ** 2).sum(-1) / (2 * tc ** 2)).softmax(-1)[..., None]
+        out[rows] = (w * (diff / tc[:, :, None] - x1[None])).sum(1)
+    return out.to(x.dtype)
+
+
+class OracleAux(nn.Module):
+    """An aux "network" that returns :func:`student_velocity` of the current student: the correction with an
+    exact ``g``, to tell the aux network's estimation error apart from the correction objective itself. Its one
+    parameter (times zero) only keeps the optimizer and the aux loss well-formed."""
+
+    def __init__(self, student, samples=4096):
+        super().__init__()
+        self.student, self.samples = [student], samples  # a list: not a submodule, its parameters stay the student's
+        self.unused = nn.Parameter(torch.zeros(()))
+        self.generator = torch.Generator().manual_seed(1234)
+
+    def forward(self, x, t, y, gw):
+        return student_velocity(self.student[0], x, t, y, samples=self.samples, generator=self.generator) \
+            + 0 * self.unused
 
 
 def exact_endpoint(z, y):
@@ -150,8 +187,27 @@ def eval_set(n=2000, seed=1):
     return z, y, exact_endpoint(z, y)
 
 
-def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, lr=2e-3, seed=0):
-    """Train a GMM student; returns (student, [(step, error)], last metrics, seconds).
+def aux_diagnostic(student, aux, n=2000, seed=5) -> dict:
+    """How good the aux network's ``g`` is where the correction reads it (``x_r`` from the student's samples, r from
+    the correction's law): ``E‖g - v‖`` (its error against :func:`student_velocity` ``v``, 16,384 samples per class)
+    beside ``E‖v - u‖`` (the true gap to the teacher that the correction should follow) and ``E‖g - u‖`` (the gap it
+    does follow)."""
+    g = torch.Generator().manual_seed(seed)
+    z, y = torch.randn(n, 2, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    r = torch.sigmoid(0.8 + torch.randn(n, generator=g))
+    with torch.no_grad():
+        x1 = one_step_sample(student, z, y, torch.ones(n))
+        x_r = (1 - r[:, None]) * x1 + r[:, None] * torch.randn(n, 2, generator=g)
+        est = aux(x_r, r, y, torch.ones(n)).double()
+        v = student_velocity(student, x_r, r, y, samples=16384, generator=g).double()
+        u = gmm_velocity(x_r, r, y).double()
+    return {"aux_error": float((est - v).norm(dim=1).mean()), "true_gap": float((v - u).norm(dim=1).mean()),
+            "aux_gap": float((est - u).norm(dim=1).mean())}
+
+
+def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, lr=2e-3, seed=0, return_aux=False):
+    """Train a GMM student; returns (student, [(step, error)], last metrics, seconds) (and the aux network last,
+    with ``return_aux``).
 
     ``evals = (z, y, target)`` (default :func:`eval_set`) is scored every ``eval_every`` steps (0: only at the end).
     """
@@ -159,6 +215,8 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
     student, aux = Student(), Aux()
     overrides = dict(overrides or {})
     aux_updates, aux_lr = overrides.pop("aux_updates", 1), overrides.pop("aux_lr", lr)
+    if overrides.pop("oracle_aux", False):
+        aux = OracleAux(student)
     config = DistillConfig(**{**CONFIG, **overrides})
     distiller = Distiller(student, gmm_velocity, aux, config, sample_shape=(2,), num_classes=NUM_CLASSES)
     student_opt = torch.optim.Adam(student.parameters(), lr=lr)
@@ -182,7 +240,8 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
         schedule.step()
         if step == steps or (eval_every and step % eval_every == 0):
             curve.append((step, error()))
-    return student, curve, metrics, time.perf_counter() - start
+    out = (student, curve, metrics, time.perf_counter() - start)
+    return (*out, aux) if return_aux else out
 
 
 def add_arguments(p):
@@ -216,14 +275,15 @@ def run(args) -> dict:
     for name in names:
         overrides, runs = VARIANTS[name], []
         for seed in seeds:
-            student, curve, metrics, seconds = distil(args.steps, overrides=overrides, eval_every=args.eval_every,
-                                                      evals=evals, seed=seed)
+            student, curve, metrics, seconds, aux = distil(args.steps, overrides=overrides, evals=evals, seed=seed,
+                                                           eval_every=args.eval_every, return_aux=True)
             with torch.no_grad():
                 energy = energy_distance(one_step_sample(student, z, y, torch.ones(len(z))), target, y)
+            diagnostic = aux_diagnostic(student, aux) if metrics.get("n_corr") else {}
             runs.append({"seed": seed, "curve": curve, "final": curve[-1][1], "energy": energy,
-                         "lambda": metrics.get("lambda"), "seconds": seconds})
+                         "lambda": metrics.get("lambda"), "seconds": seconds, **diagnostic})
             print(f"[gmm] {name} seed {seed}: error {curve[-1][1]:.3f}, energy distance {energy:.4f} after "
-                  f"{args.steps} steps ({seconds:.0f} s)", flush=True)
+                  f"{args.steps} steps ({seconds:.0f} s){' ' + str(diagnostic) if diagnostic else ''}", flush=True)
         variants[name] = {"overrides": overrides, "runs": runs,
                           "final_mean": sum(r["final"] for r in runs) / len(runs),
                           "error": spread([r["final"] for r in runs]),
