@@ -39,7 +39,11 @@ VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction o
             # the aux network's pace (training options, not DistillConfig fields)
             "aux updates 4": {"aux_updates": 4}, "aux lr x3": {"aux_lr": 6e-3},
             # the correction with an exact g (Monte Carlo velocity of the student's own samples)
-            "oracle aux": {"oracle_aux": True}}
+            "oracle aux": {"oracle_aux": True},
+            # a student too small to represent the map: the prediction objective alone is then biased
+            "small student": {"student_width": 16},
+            "small student prediction only": {"student_width": 16, "pred_fraction": 1.0},
+            "small student alpha 1": {"student_width": 16, "alpha": 1.0}}
 DEFAULT_VARIANTS = ("both", "prediction only", "correction only")
 
 
@@ -212,8 +216,8 @@ def distil(steps, *, overrides=None, eval_every=0, evals=None, batch_size=256, l
     ``evals = (z, y, target)`` (default :func:`eval_set`) is scored every ``eval_every`` steps (0: only at the end).
     """
     torch.manual_seed(seed)
-    student, aux = Student(), Aux()
     overrides = dict(overrides or {})
+    student, aux = Student(width=overrides.pop("student_width", 128)), Aux()
     aux_updates, aux_lr = overrides.pop("aux_updates", 1), overrides.pop("aux_lr", lr)
     if overrides.pop("oracle_aux", False):
         aux = OracleAux(student)
