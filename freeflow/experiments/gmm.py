@@ -43,7 +43,10 @@ VARIANTS = {"both": {}, "prediction only": {"pred_fraction": 1.0}, "correction o
             # a student too small to represent the map: the prediction objective alone is then biased
             "small student": {"student_width": 16},
             "small student prediction only": {"student_width": 16, "pred_fraction": 1.0},
-            "small student alpha 1": {"student_width": 16, "alpha": 1.0}}
+            "small student alpha 1": {"student_width": 16, "alpha": 1.0},
+            "small student oracle aux": {"student_width": 16, "oracle_aux": True},
+            "small student aux updates 4": {"student_width": 16, "aux_updates": 4},
+            "small student aux lr x3": {"student_width": 16, "aux_lr": 6e-3}}
 DEFAULT_VARIANTS = ("both", "prediction only", "correction only")
 
 
