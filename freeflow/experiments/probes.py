@@ -47,6 +47,7 @@ PROBES = {
     # λ
     "balance-weighted": {"balance": "weighted"},
     "alpha-1/3": {"alpha": 1 / 3},  # the concatenated-batch mean: the correction's share is n_corr / n_pred
+    "alpha-2": {"alpha": 2.0},
     "balance-fixed": {"balance": "fixed", "alpha": 3.0},  # the base run's mean λ (2.97-3.50 over its 2,000 steps)
     # batch (equal steps; equal prior samples is the base at 4x the steps)
     "batch-256": {"batch_size": 256},
