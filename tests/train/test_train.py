@@ -27,7 +27,9 @@ def teacher_path(tmp_path_factory):
 
 
 def _args(teacher, out, steps, **extra):
-    args = ["--teacher-ckpt", teacher, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+    # --threads 1: two fresh runs compare bit for bit only at equal thread counts, and --threads 0 times the machine
+    # at start, which a busy test machine can tip either way (a resumed run keeps its recorded count: test_cli.py)
+    args = ["--threads", "1", "--teacher-ckpt", teacher, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
             "--ckpt-every", "3", "--sample-every", "1000", "--log-every", "1", "--no-evaluate", "--teacher-steps", "2",
             "--grid-size", "2", "--backend", "reference", "--lr", "1e-3", "--aux-lr", "1e-3", "--ema-decay", "0.9"]
     for k, v in extra.items():
