@@ -122,14 +122,16 @@ def _lookup(key: dict):
 
 
 @torch.no_grad()
-def compute_teacher_table(adapter, key: dict, common: dict) -> dict:
-    """The teacher's FD at each Heun step count of ``key`` and its endpoints at the largest, from the noises of
-    ``common`` (the arguments of :func:`_generate`)."""
+def compute_teacher_table(adapter, key: dict, common: dict, endpoint_steps: int | None = None) -> dict:
+    """The teacher's FD at each Heun step count of ``key`` and its endpoints at ``endpoint_steps`` (default: the
+    largest), from the noises of ``common`` (the arguments of :func:`_generate`)."""
+    endpoint_steps = max(key["heun_steps"]) if endpoint_steps is None else endpoint_steps
     fds, endpoints = {}, None
-    for steps in key["heun_steps"]:
+    for steps in sorted(set(key["heun_steps"]) | {endpoint_steps}):
         x = _generate(lambda z, y, g, s=steps: adapter.sample(z, y, g, steps=s), **common)
         fds[steps] = mnist_fd(x)
-        endpoints = x
+        if steps == endpoint_steps:
+            endpoints = x
     return {"key": key, "fd": fds, "endpoints": endpoints.float().contiguous()}
 
 
@@ -168,12 +170,13 @@ def evaluate_student(student, adapter, *, samples, gw, teacher_steps, seed, devi
     t0 = time.time()
     student_x = _generate(student.sample, **common)
     result = {"eval_gw": gw, "eval_samples": samples, "fd_student_1step": mnist_fd(student_x)}
-    if teacher_path is not None:
+    if teacher_path is not None and teacher_steps >= 4:  # a table holds the endpoints of its largest step count
         common_steps = {**common, "teacher_steps": teacher_steps}
         table, result["teacher_table"] = teacher_table(adapter, teacher_path, common_steps)
     else:
         key = {"heun_steps": sorted({1, 2, 4, teacher_steps})}
-        table, result["teacher_table"] = compute_teacher_table(adapter, key, common), "computed"
+        table = compute_teacher_table(adapter, key, common, endpoint_steps=teacher_steps)
+        result["teacher_table"] = "computed"
     for steps, fd in table["fd"].items():
         result[f"fd_teacher_heun{steps}"] = fd
     diff = (student_x - table["endpoints"]).flatten(1)

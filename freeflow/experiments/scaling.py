@@ -10,6 +10,7 @@ when ``--out`` holds it. ``OUT/scaling-b{batch}-{device}.json`` / ``.png``.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,8 +89,6 @@ def run(args) -> dict:
                                                     [r["fd"] for r in rows[1:]])}
     base = os.path.join(args.out, "probes", "base-seed0.json")
     if os.path.isfile(base):
-        import json
-
         with open(base) as f:
             cpu = json.load(f)["curve"][1:]
         curves["batch 64, CPU (probes base, seed 0)"] = ([r["step"] * 64 for r in cpu], [r["fd"] for r in cpu])

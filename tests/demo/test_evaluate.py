@@ -96,3 +96,19 @@ def test_shipped_teacher_table_is_the_demo_s_and_equals_a_fresh_computation():
     with torch.no_grad():
         x = adapter.sample(z[:64], y[:64], torch.full((64,), cfg.eval_gw), steps=cfg.teacher_steps)
     torch.testing.assert_close(table["endpoints"][:64], x, rtol=0, atol=1e-4)
+
+
+def test_the_endpoint_distance_is_to_the_teacher_steps_endpoints_also_below_four_steps(tmp_path):
+    """With ``teacher_steps`` = 2 the endpoint distance is to the 2-step endpoints (no table: tables keep their
+    largest step count's), written out here from the same noises."""
+    model = _tiny_teacher(tmp_path / "t.pt")
+    student = FlowMapStudent.from_teacher(model).eval()
+    adapter = TeacherAdapter(model, 10)
+    result = evaluate.evaluate_student(student, adapter, samples=40, gw=1.5, teacher_steps=2, seed=3,
+                                       device=torch.device("cpu"), batch=16, teacher_path=str(tmp_path / "t.pt"))
+    common = dict(n=40, batch=16, shape=(1, 28, 28), num_classes=10, gw=1.5, seed=3, device=torch.device("cpu"))
+    teacher_x = evaluate._generate(lambda z, y, g: adapter.sample(z, y, g, steps=2), **common)
+    student_x = evaluate._generate(student.sample, **common)
+    want = float((student_x - teacher_x).flatten(1).norm(dim=1).mean())
+    assert result["student_to_teacher_endpoint_l2"] == pytest.approx(want, rel=1e-6)
+    assert result["teacher_table"] == "computed"
