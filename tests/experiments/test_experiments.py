@@ -155,27 +155,67 @@ def test_cli_lists_every_experiment_and_rejects_bad_input(capsys, tmp_path):
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
 
 
-def _probe_record(name, seed, fd, recall=0.7):
-    curve = [{"step": 0, "fd": 600.0}, {"step": 1000, "fd": fd + 1}, {"step": 2000, "fd": fd, "recall": recall,
-                                                                       "precision": 0.8, "class_entropy_bits": 3.3}]
-    return {"probe": name, "seed": seed, "curve": curve, "train_seconds": 10.0, "teacher_heun32_fd": 9.2}
+def _probe_record(out, name, seed, fds, last_coverage=None):
+    """A probe run's JSON as ``probes`` writes it: ``fds`` maps scored steps to FD."""
+    curve = [{"step": 0, "fd": 800.0}] + [{"step": step, "fd": fd} for step, fd in sorted(fds.items())]
+    curve[-1].update(last_coverage or {"recall": 0.6, "precision": 0.85, "class_entropy_bits": 3.3})
+    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
+    with open(os.path.join(out, "probes", f"{name.replace('/', '_')}-seed{seed}.json"), "w") as f:
+        json.dump({"probe": name, "seed": seed, "train_seconds": 100.0 * seed + 100.0, "teacher_heun32_fd": 9.2,
+                   "curve": curve}, f)
 
 
 def test_probe_summary_reports_seed_spreads_and_calls_a_difference_inside_them_no_difference(tmp_path):
-    from freeflow.experiments.common import write_json
     from freeflow.experiments.probes import summarise
 
     runs = {("base", 0): 20.0, ("base", 1): 22.0, ("near", 0): 20.5, ("near", 1): 21.7,
             ("better", 0): 15.0, ("better", 1): 16.0, ("worse", 0): 30.0, ("worse", 1): 31.0}
     for (name, seed), fd in runs.items():
-        write_json(str(tmp_path / "probes" / f"{name}-seed{seed}.json"), _probe_record(name, seed, fd))
+        _probe_record(str(tmp_path), name, seed, {1000: fd + 1, 2000: fd})
     table = summarise(str(tmp_path))["probes"]
-    assert table["base"]["fd"]["mean"] == 21.0 and (table["base"]["fd"]["min"], table["base"]["fd"]["max"]) == (20, 22)
+    last = table["base"]["curve"]["2000"]
+    assert last["mean"] == 21.0 and (last["min"], last["max"]) == (20, 22)
     assert table["base"]["fd_at_1000"]["mean"] == 22.0
     assert table["near"]["verdict"].startswith("no difference")  # 0.1 apart; the base's seeds are 1 from its mean
     assert table["better"]["verdict"] == "better" and table["better"]["fd1000_minus_base"] == pytest.approx(-5.5)
     assert table["worse"]["verdict"] == "worse"
     assert os.path.isfile(tmp_path / "probes.json")
+
+def test_probe_summary_aligns_runs_by_step_and_judges_at_1000_against_the_noise_near_the_base(tmp_path):
+    """Runs of one probe may differ in length and in how often they were scored (a run continued to 10,000 steps
+    and scored every 1,000 beside 1,000-step runs scored every 500): the curve is averaged per step, never per
+    position. The noise comes from the multi-seed probes near the base, not from a collapsed one."""
+    from freeflow.experiments import probes
+
+    out = str(tmp_path)
+    _probe_record(out, "base", 0, {500: 26.0, 1000: 19.0, 2000: 18.0})
+    _probe_record(out, "base", 1, {500: 27.0, 1000: 19.4, 2000: 18.4})
+    _probe_record(out, "long", 0, {1000: 17.0, 2000: 16.0, 3000: 15.0})
+    _probe_record(out, "long", 1, {500: 29.0, 1000: 18.0})
+    _probe_record(out, "noisy", 0, {500: 30.0, 1000: 22.0})  # half-range 1.0: the noise near the base
+    _probe_record(out, "noisy", 1, {500: 31.0, 1000: 24.0})
+    _probe_record(out, "collapsed", 0, {1000: 40.0}, {"recall": 0.2})  # half-range 5.0, outside 1.5x the base
+    _probe_record(out, "collapsed", 1, {1000: 50.0}, {"recall": 0.3})
+    _probe_record(out, "alpha-1/3", 0, {500: 25.0, 1000: 20.1})
+    table = probes.summarise(out)
+    assert table["seed_noise_at_1000"] == pytest.approx(1.0)
+    rows = table["probes"]
+    long = rows["long"]
+    assert long["seeds"] == [0, 1]
+    assert {step: (c["mean"], c["n"]) for step, c in long["curve"].items()} == {
+        "500": (29.0, 1), "1000": (17.5, 2), "2000": (16.0, 1), "3000": (15.0, 1)}
+    assert [(r["seed"], r["step"], r["fd"]) for r in long["last"]] == [(0, 3000, 15.0), (1, 1000, 18.0)]
+    assert long["fd1000_minus_base"] == pytest.approx(17.5 - 19.2) and long["verdict"] == "better"
+    assert rows["alpha-1/3"]["fd1000_minus_base"] == pytest.approx(0.9)  # not above the noise of 1.0
+    assert rows["alpha-1/3"]["verdict"].startswith("no difference")
+    assert rows["collapsed"]["threshold"] == pytest.approx(5.0)  # its own spread, and it is still worse
+    assert rows["collapsed"]["verdict"] == "worse"
+    assert [r["recall"] for r in rows["collapsed"]["last"]] == [0.2, 0.3]
+    assert "verdict" not in rows["base"]
+    with open(os.path.join(out, "probes.json")) as f:
+        assert json.load(f)["probes"]["noisy"]["fd_at_1000"]["mean"] == pytest.approx(23.0)
+    assert os.path.getsize(os.path.join(out, "probes.png")) > 0
+
 
 @pytest.mark.slow
 def test_convergence_preset_trains_the_shipped_preset_in_its_own_folder(tmp_path, monkeypatch):
