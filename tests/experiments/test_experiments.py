@@ -181,6 +181,7 @@ def test_probe_summary_reports_seed_spreads_and_calls_a_difference_inside_them_n
     assert table["worse"]["verdict"] == "worse"
     assert os.path.isfile(tmp_path / "probes.json")
 
+
 def test_probe_summary_aligns_runs_by_step_and_judges_at_1000_against_the_noise_near_the_base(tmp_path):
     """Runs of one probe may differ in length and in how often they were scored (a run continued to 10,000 steps
     and scored every 1,000 beside 1,000-step runs scored every 500): the curve is averaged per step, never per
