@@ -55,6 +55,11 @@ PROBES = {
     "delta-one-0": {"delta_one_prob": 0.0},
     "delta-one-0.5": {"delta_one_prob": 0.5},
     "delta-logit-normal": {"delta_dist": "logit_normal", "delta_one_prob": 0.0},
+    # which part of the logit-normal's shape matters: its centre, its width, the δ = 1 mass on top
+    "delta-ln-m-0.5": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "delta_logit_mean": -0.5},
+    "delta-ln-m0.5": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "delta_logit_mean": 0.5},
+    "delta-ln-s0.5": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "delta_logit_std": 0.5},
+    "delta-ln-one-0.25": {"delta_dist": "logit_normal", "delta_one_prob": 0.25},
     # the correction's noise level r = sigmoid(m + s·ε): the paper finds the high-noise end decisive
     "r-mean-0": {"r_logit_mean": 0.0},
     "r-mean-1.6": {"r_logit_mean": 1.6},
