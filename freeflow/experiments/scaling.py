@@ -5,8 +5,8 @@ The demo preset (the long teacher, γ ∈ [1, 2]) at ``--batch-size`` (1,024 by 
 at the deadline (SIGTERM, then SIGKILL), which the trainer survives by design (atomic checkpoints every
 ``--ckpt-every`` steps, all kept). Every ``--every``-th checkpoint's EMA student is then scored on the fixed
 inputs of :class:`~freeflow.experiments.common.Scorer` at γ = 1.25, the last one with precision and recall,
-and the curve is written against prior samples seen (steps × batch), beside the CPU probes' base curve (batch 64)
-when ``--out`` holds it. ``OUT/scaling-b{batch}-{device}.json`` / ``.png``.
+and the curve is written against prior samples seen (steps × batch), beside the CPU curves of the probes (batch
+64; ``CPU_CURVES``) when ``--out`` holds them. ``OUT/scaling-b{batch}-{device}.json`` / ``.png``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ import torch
 
 from .common import Scorer, checkpoint_steps, environment, load_teacher, plot, score_checkpoints, write_json
 from .probes import BASE, GW
+
+# The CPU curves (batch 64, one thread) drawn beside the run, when ``--out`` holds them: the preset as shipped
+# (its δ law is the logit-normal probe's) and the preset before the probes.
+CPU_CURVES = {"delta-logit-normal": "batch 64, CPU (the preset, seed 0)",
+              "base": "batch 64, CPU (the preset before the probes, seed 0)"}
 
 
 def add_arguments(p):
@@ -87,11 +92,12 @@ def run(args) -> dict:
     write_json(os.path.join(args.out, f"{name}.json"), payload)
     curves = {f"batch {args.batch_size}, {device}": ([r["prior_samples"] for r in rows[1:]],
                                                     [r["fd"] for r in rows[1:]])}
-    base = os.path.join(args.out, "probes", "base-seed0.json")
-    if os.path.isfile(base):
-        with open(base) as f:
-            cpu = json.load(f)["curve"][1:]
-        curves["batch 64, CPU (probes base, seed 0)"] = ([r["step"] * 64 for r in cpu], [r["fd"] for r in cpu])
+    for probe, label in CPU_CURVES.items():
+        path = os.path.join(args.out, "probes", f"{probe}-seed0.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                cpu = json.load(f)["curve"][1:]
+            curves[label] = ([r["step"] * 64 for r in cpu], [r["fd"] for r in cpu])
     plot(os.path.join(args.out, f"{name}.png"), curves, xlabel="prior samples seen (steps × batch)", xlog=True,
          title=f"MNIST demo preset: one-step FD (γ = {GW}) against prior samples seen")
     last = rows[-1]
