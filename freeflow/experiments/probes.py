@@ -1,6 +1,8 @@
 """Probes: what holds the demo student above its teacher? Each probe is the ``mnist`` preset with one change.
 
-The base is the preset as shipped (the long teacher, γ ∈ [1, 2], scored at γ = 1.25), trained for ``--steps``
+The base is the preset as it was shipped while the probes ran (the long teacher, γ ∈ [1, 2], δ uniform with a
+0.25 point mass at δ = 1, scored at γ = 1.25; the δ law comes from ``STUDY_SETUP``, since the probes moved the
+preset itself to ``delta-logit-normal``), trained for ``--steps``
 (2,000) on one thread with a checkpoint every 250 steps, once per seed of ``--seeds``. Every checkpoint's EMA
 student at multiples of 500 steps is scored on the fixed inputs of
 :class:`~freeflow.experiments.common.Scorer` (1,500 samples; the last checkpoint also with precision, recall
@@ -10,7 +12,8 @@ A probe's runs write one JSON each (``OUT/probes/NAME-seedK.json``), so several 
 probes at once (``--only``) without touching each other's results; ``--summary`` gathers them into
 ``OUT/probes.json`` and a table: per probe the mean and extremes over seeds, and the difference from the base
 at 1,000 steps (the demo's budget, where every run is scored), which counts as "no difference" when it is not
-larger than the seed noise (the largest half-range over seeds among the probes run on several seeds).
+larger than the seed noise (the largest half-range over seeds among the probes run on several seeds near the
+base; :func:`summarise`).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from .common import (
     write_json,
 )
 
-# The preset as shipped, on one thread (two probes share the two cores).
+# The preset as the probes found it, on one thread (two probes share the two cores); train_run adds STUDY_SETUP's
+# δ law (uniform, 0.25 at δ = 1) under these overrides.
 BASE = {"teacher_ckpt": str(ASSETS_DIR / DEMO_TEACHER_FILE), "gw_min": 1.0, "gw_max": 2.0, "threads": 1}
 GW = 1.25  # the long teacher's best guidance scale (docs/experiments.md)
 PROBES = {

@@ -326,6 +326,8 @@ def test_probes_train_each_probe_and_seed_in_its_own_run_and_score_it(tmp_path, 
     with open(os.path.join(runs, "probes", "balance-weighted-seed3", "config.json")) as f:
         config = json.load(f)
     assert config["distill"]["balance"] == "weighted" and config["train"]["seed"] == 3
+    # the δ law the probes ran with, not the preset's since (logit-normal): the committed results stay reproducible
+    assert (config["distill"]["delta_dist"], config["distill"]["delta_one_prob"]) == ("uniform", 0.25)
     assert os.path.basename(config["teacher_path"]) == "mnist_teacher_long.pt"
     with open(os.path.join(out, "probes", "base-seed3.json")) as f:
         record = json.load(f)
