@@ -64,6 +64,8 @@ PROBES = {
     "delta-ln-m0.5": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "delta_logit_mean": 0.5},
     "delta-ln-s0.5": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "delta_logit_std": 0.5},
     "delta-ln-one-0.25": {"delta_dist": "logit_normal", "delta_one_prob": 0.25},
+    # with the logit-normal law the curve flattens after ~2,500 steps: does a decaying rate help over 2,000?
+    "delta-ln-cosine": {"delta_dist": "logit_normal", "delta_one_prob": 0.0, "lr_schedule": "cosine"},
     # the correction's noise level r = sigmoid(m + s·ε): the paper finds the high-noise end decisive
     "r-mean-0": {"r_logit_mean": 0.0},
     "r-mean-1.6": {"r_logit_mean": 1.6},
