@@ -159,7 +159,7 @@ _IMAGENET = dict(needs_teacher_ckpt=True, batch_size=256, steps=100_000, ema_dec
                  teacher_steps=64)
 PRESETS = {
     # The mnist preset's values were each measured on the demo: docs/experiments.md, "How the demo preset was tuned".
-    "mnist": dict(out="runs/freeflow-mnist", steps=1000, batch_size=64, lr=3e-4, aux_lr=3e-4, threads=0,
+    "mnist": dict(out="runs/freeflow-mnist", steps=2000, batch_size=64, lr=3e-4, aux_lr=3e-4, threads=0,
                   ema_decay=0.995, gw_min=1.0, gw_max=2.0, eval_gw=1.25, eps=1e-2, delta_dist="logit_normal",
                   corr_guidance_interval=(0.0, 1.0), eval_samples=1500, ckpt_every=200, sample_every=200),
     # A preset named after a family reads its teacher in that family's convention (SiT's released files are plain
