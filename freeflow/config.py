@@ -158,7 +158,8 @@ _IMAGENET = dict(needs_teacher_ckpt=True, batch_size=256, steps=100_000, ema_dec
                  gw_max=4.0, eval_gw=1.5, ckpt_every=5000, sample_every=5000, log_every=50,
                  teacher_steps=64)
 PRESETS = {
-    # The mnist preset's values were each measured on the demo: docs/experiments.md, "How the demo preset was tuned".
+    # The mnist preset's values were each measured on the demo: docs/experiments.md, "How the demo preset was tuned"
+    # and "What the demo preset takes from this".
     "mnist": dict(out="runs/freeflow-mnist", steps=2000, batch_size=64, lr=3e-4, aux_lr=3e-4, threads=0,
                   ema_decay=0.995, gw_min=1.0, gw_max=2.0, eval_gw=1.25, eps=1e-2, delta_dist="logit_normal",
                   corr_guidance_interval=(0.0, 1.0), eval_samples=1500, ckpt_every=200, sample_every=200),
@@ -179,7 +180,7 @@ DISTILL_HELP = {
     "balance_eps": "ε in the denominator of the balance λ (see --alpha).",
 }
 PRESET_HELP = {
-    "mnist": "the bundled CPU demo: its shipped long teacher, 1,000 steps, FD evaluation (minutes on 2 cores)",
+    "mnist": "the bundled CPU demo: its shipped long teacher, 2,000 steps, FD evaluation (minutes on 2 cores)",
     "sit-b2-256": "SiT-B/2 at 256 px (latent 32x32x4): needs --teacher-ckpt, full aux copy",
     "sit-xl2-256": "SiT-XL/2 at 256 px: needs --teacher-ckpt, LoRA aux",
     "repa-xl2-256": "REPA SiT-XL/2 at 256 px (the paper's 1.45 FID setting): needs --teacher-ckpt, LoRA aux",
