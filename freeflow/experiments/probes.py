@@ -181,8 +181,9 @@ def summarise(out: str) -> dict:
                           else ("better" if diff < 0 else "worse"))
     payload = {**environment(), "seed_noise_at_1000": noise, "regime": REGIME, "probes": table}
     write_json(os.path.join(out, "probes.json"), payload)
+    # The plot keeps the curves that say more than the table: probes on several seeds or past 1,000 steps.
     curves = {name: ([int(step) for step in row["curve"]], [c["mean"] for c in row["curve"].values()])
-              for name, row in table.items()}
+              for name, row in table.items() if len(row["seeds"]) > 1 or max(map(int, row["curve"])) > 1000}
     teacher = next(iter(table.values()))["teacher_heun32_fd"] if table else None
     plot(os.path.join(out, "probes.png"), curves, hlines={"teacher Heun 32": teacher} if teacher else None,
          title=f"MNIST probes: one-step FD (γ = {GW}), mean over seeds")
