@@ -150,6 +150,17 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(teacher_path, tmp_pa
     assert not (out / "checkpoints" / "step_0000006.pt").exists()
 
 
+def _assert_equal_up_to_adam_round_off(got, want, name):
+    """Two ranks sum the gradient in another order than one process, so it differs in round-off. Adam's update
+    ``lr·m/(√v + ε)`` passes that on unchanged except where a gradient is within a few ε (1e-8) of zero: there a
+    round-off change of the gradient moves the update by a visible part of lr. Measured over 3 steps at lr 1e-3:
+    most elements are bit-identical, and at most 5 of 4,096 in a tensor differ by more than 1e-6 (the largest by
+    4.5e-6). A run on half the batch (what a rank stepping alone would do) matches in 2-13 % of the elements."""
+    close = torch.isclose(got, want, rtol=1e-5, atol=1e-6)
+    assert close.float().mean() >= 0.995, (name, int((~close).sum()), close.numel())
+    assert (got - want).abs().max() <= 2e-5, (name, float((got - want).abs().max()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], COMPILED_LORA], ids=["eager-full", "compiled-lora"])
 def test_two_process_ddp_equals_one_process(teacher_path, tmp_path, flags):
@@ -160,7 +171,7 @@ def test_two_process_ddp_equals_one_process(teacher_path, tmp_path, flags):
                      "-m", "freeflow.train"), env={"OMP_NUM_THREADS": "1"})
     sa, sb = _student(one), _student(two)
     for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
+        _assert_equal_up_to_adam_round_off(sb[k], sa[k], k)
     a, b = _metrics(one), _metrics(two)
     for s in range(1, 4):
         for key in ("pred_loss", "corr_loss", "aux_loss", "lambda"):
