@@ -16,6 +16,7 @@ from freeflow.experiments.common import (
     score_checkpoints,
     student_at,
     train_run,
+    write_json,
 )
 from freeflow.experiments.convergence import weight_averaging
 from freeflow.experiments.mismatch import train_baseline
@@ -159,10 +160,11 @@ def _probe_record(out, name, seed, fds, last_coverage=None):
     """A probe run's JSON as ``probes`` writes it: ``fds`` maps scored steps to FD."""
     curve = [{"step": 0, "fd": 800.0}] + [{"step": step, "fd": fd} for step, fd in sorted(fds.items())]
     curve[-1].update(last_coverage or {"recall": 0.6, "precision": 0.85, "class_entropy_bits": 3.3})
-    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
-    with open(os.path.join(out, "probes", f"{name.replace('/', '_')}-seed{seed}.json"), "w") as f:
-        json.dump({"probe": name, "seed": seed, "train_seconds": 100.0 * seed + 100.0, "teacher_heun32_fd": 9.2,
-                   "curve": curve}, f)
+    from freeflow.experiments.probes import _file
+
+    write_json(os.path.join(out, "probes", f"{_file(name)}-seed{seed}.json"),
+               {"probe": name, "seed": seed, "train_seconds": 100.0 * seed + 100.0, "teacher_heun32_fd": 9.2,
+                "curve": curve})
 
 
 def test_probe_summary_reports_seed_spreads_and_calls_a_difference_inside_them_no_difference(tmp_path):
